@@ -1,0 +1,3 @@
+"""whisper-ptq: post-training quantization studies of OpenAI Whisper."""
+
+__version__ = "0.1.0"
