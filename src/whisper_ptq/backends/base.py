@@ -1,0 +1,156 @@
+"""The small interface every quantization library implements, and what it shares.
+
+A backend turns raw parameters into a validated `Recipe` (`recipe`), says whether a recipe can run here
+(`check`), quantizes a loaded model into a `Transcriber` (`quantize`), and serializes the result through
+the library's own save path (`save`), which is also how size is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from whisper_ptq.engine import Transcriber
+from whisper_ptq.errors import UserError
+from whisper_ptq.recipes import OptionValue, Recipe
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parametric-recipe parameter: its type, default, and (optionally) the allowed values."""
+
+    kind: type
+    default: OptionValue
+    choices: tuple[OptionValue, ...] | None = None
+    help: str = ""
+
+    def parse(self, library: str, key: str, raw: str) -> OptionValue:
+        try:
+            if self.kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                value: OptionValue = raw.lower() in ("true", "1", "yes")
+            elif self.kind is str and raw.lower() == "none" and None in (self.choices or ()):
+                value = None
+            else:
+                value = self.kind(raw)
+        except ValueError:
+            raise UserError(
+                f"recipe parameter {library}:{key}={raw!r} is not a {self.kind.__name__}{self._choices_hint()}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise UserError(f"recipe parameter {library}:{key}={raw!r} is not valid{self._choices_hint()}")
+        return value
+
+    def _choices_hint(self) -> str:
+        return f"; valid: {', '.join(str(c) for c in self.choices)}" if self.choices else ""
+
+
+@dataclass
+class BuildContext:
+    """What a backend may need besides the model: device, calibration audio (loaded lazily), scratch space."""
+
+    device: str = "cpu"
+    calibration: Callable[[], list[np.ndarray]] | None = None
+    calibration_spec: str | None = None
+    work_dir: Path | None = None
+
+
+@dataclass
+class Quantized:
+    """A ready-to-run quantized model and the facts about how it was made (recorded in summary.json)."""
+
+    transcriber: Transcriber
+    model: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    library: ClassVar[str]
+    description: ClassVar[str]
+    # Python modules the backend imports, mapped to the pip package that provides them.
+    requires: ClassVar[dict[str, str]] = {}
+    params: ClassVar[dict[str, Param]] = {}
+    # name -> (description, raw parameters as typed on the command line)
+    named: ClassVar[dict[str, tuple[str, dict[str, str]]]] = {}
+
+    def recipe(self, raw: dict[str, str], name: str, description: str = "") -> Recipe:
+        unknown = sorted(set(raw) - set(self.params))
+        if unknown:
+            raise UserError(
+                f"recipe {name!r}: unknown parameter {unknown[0]!r} for {self.library}; "
+                f"valid: {', '.join(self.params) or '(none)'}"
+            )
+        values = {key: param.default for key, param in self.params.items()}
+        values.update({key: self.params[key].parse(self.library, key, text) for key, text in raw.items()})
+        return self.make_recipe(name, values, description)
+
+    def named_recipes(self) -> dict[str, Recipe]:
+        return {name: self.recipe(raw, name, text) for name, (text, raw) in self.named.items()}
+
+    @abstractmethod
+    def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
+        """Map validated parameter values to a Recipe; raise UserError for impossible combinations."""
+
+    def check(self, recipe: Recipe, device: str) -> str | None:
+        """Why this recipe cannot run on `device` here (None when it can)."""
+        missing = [pkg for module, pkg in self.requires.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            return f"library not installed: pip install {' '.join(missing)}"
+        kind = device.split(":")[0]
+        if kind not in recipe.devices:
+            return f"{recipe.name} runs on {'/'.join(recipe.devices)}, not {kind}"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device present"
+        return None
+
+    @abstractmethod
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        """Quantize `bundle.model` (a WhisperBundle) in place where possible and return a runnable model."""
+
+    def save(self, quantized: Quantized, out_dir: Path) -> None:
+        """Serialize through the library's own save path. The default: torch.save of the state dict, which
+        is how torch/torchao/HQQ/bitsandbytes tensors (packed, with scales) serialize themselves."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(quantized.model.state_dict(), out_dir / "model.pt")
+
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
+        raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, int]:
+    """Name -> weight count of every nn.Linear, except one whose weight is tied to the token embedding
+    (Whisper's `proj_out`): it is the embedding, and most recipes keep it in full precision."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    return {
+        name: module.in_features * module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding
+    }
+
+
+def linear_bits_per_weight(model: torch.nn.Module, layers: dict[str, int]) -> float:
+    """Serialized bits per weight of the given (formerly nn.Linear) layers: each layer's state dict without
+    its bias, saved with torch.save, so packed data, scales and zero points all count. Measuring the saved
+    bytes, not tensor.nbytes, matters because quantized tensor subclasses report their logical dtype."""
+    modules = dict(model.named_modules())
+    total_bytes = 0
+    for name in layers:
+        state = {k: v for k, v in modules[name].state_dict().items() if not k.endswith("bias")}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        total_bytes += buffer.getbuffer().nbytes
+    return 8 * total_bytes / sum(layers.values())

@@ -1,0 +1,42 @@
+"""The unquantized references: fp32, and bf16 weights + compute (AMX on recent Xeons)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.engine import HFTranscriber
+from whisper_ptq.recipes import OptionValue, Recipe
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ReferenceBackend(Backend):
+    library = "reference"
+    description = "transformers model in full (fp32) or half (bf16/fp16) precision"
+    params = {"dtype": Param(str, "fp32", tuple(DTYPES), "weight and compute dtype")}
+    named = {
+        "fp32": ("fp32 reference (no quantization)", {"dtype": "fp32"}),
+        "bf16": ("bf16 weights and compute (AMX/AVX-512 bf16 on CPU)", {"dtype": "bf16"}),
+        "fp16": ("fp16 weights and compute (GPU)", {"dtype": "fp16"}),
+    }
+
+    def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
+        dtype = str(values["dtype"])
+        return Recipe(
+            name=name,
+            library=self.library,
+            scheme="reference",
+            weights=dtype,
+            granularity="per-tensor",
+            devices=("cuda",) if dtype == "fp16" else ("cpu", "cuda"),
+            description=description or f"{dtype} reference",
+        )
+
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        dtype = DTYPES[recipe.weights]
+        model = bundle.model.to(device=ctx.device, dtype=dtype)
+        transcriber = HFTranscriber(model, bundle.processor, device=ctx.device, input_dtype=dtype)
+        return Quantized(transcriber, model)

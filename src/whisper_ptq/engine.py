@@ -1,0 +1,67 @@
+"""Transcription engines: greedy, English, task transcribe, no timestamps, batched.
+
+Every engine implements `Transcriber`, so the evaluator times and scores them all the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from whisper_ptq.data import SAMPLE_RATE
+
+
+class Transcriber(Protocol):
+    """Turns a batch of 16 kHz mono float32 waveforms into text (feature extraction included)."""
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]: ...
+
+
+def set_threads(threads: int | None) -> int:
+    """Set intra-op threads (None keeps torch's default) and return the number in force."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+@dataclass
+class HFTranscriber:
+    """A transformers `WhisperForConditionalGeneration`, quantized in place or not.
+
+    `autocast` runs generation under CPU/CUDA autocast to that dtype (the bf16 reference uses it for the
+    compute while keeping the fp32 weights untouched only when the recipe says so). Generation runs under
+    `torch.no_grad()`, not `inference_mode()`: Quanto's int4 kernels fail under inference mode.
+    """
+
+    model: Any
+    processor: Any
+    device: str = "cpu"
+    input_dtype: torch.dtype = torch.float32
+    autocast: torch.dtype | None = None
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        config = self.model.generation_config
+        kwargs: dict[str, Any] = {"num_beams": 1, "do_sample": False, "return_timestamps": False}
+        if getattr(config, "is_multilingual", False):
+            kwargs.update(language="en", task="transcribe")
+        self.generate_kwargs = {**kwargs, **self.generate_kwargs}
+
+    def features(self, audios: list[np.ndarray]) -> torch.Tensor:
+        extracted = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        return extracted.input_features.to(self.device, self.input_dtype)
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        features = self.features(audios)
+        autocast = (
+            torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            ids = self.model.generate(features, **self.generate_kwargs)
+        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -1,0 +1,115 @@
+"""Recipes: small immutable descriptions of one quantization configuration.
+
+A recipe is named (`hqq-int4`) or parametric (`hqq:nbits=3,group_size=64`); both resolve to the same frozen
+`Recipe`, built and validated by the library's backend, so a misspelled parameter is refused before any
+model is loaded. The named recipes live beside their backend (see `backends/`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from whisper_ptq.errors import UserError
+
+SCHEMES = ("reference", "dynamic", "static", "weight-only")
+GRANULARITIES = ("per-tensor", "per-channel", "per-group", "per-token", "mixed")
+
+OptionValue = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    library: str
+    scheme: str
+    weights: str
+    activations: str | None = None
+    granularity: str = "per-channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    keep: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu",)
+    options: tuple[tuple[str, OptionValue], ...] = field(default=())
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme {self.scheme!r} not in {SCHEMES}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r} not in {GRANULARITIES}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme == "static"
+
+    def option(self, key: str, default: OptionValue = None) -> OptionValue:
+        return dict(self.options).get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["keep"] = list(self.keep)
+        data["devices"] = list(self.devices)
+        data["options"] = dict(self.options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        data["keep"] = tuple(data.get("keep", ()))
+        data["devices"] = tuple(data.get("devices", ("cpu",)))
+        data["options"] = tuple(sorted(dict(data.get("options", {})).items()))
+        return cls(**data)
+
+
+def parse_params(text: str) -> tuple[str, dict[str, str]]:
+    """Split `lib:key=value,key=value` into the library and its raw parameters."""
+    library, _, rest = text.partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"recipe {text!r}: parameter {item!r} is not of the form key=value")
+        if key.strip() in params:
+            raise UserError(f"recipe {text!r}: parameter {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return library.strip(), params
+
+
+def get_recipe(text: str) -> Recipe:
+    """Resolve a named recipe, a parametric `lib:key=value,...` form, or a saved recipe file (.json)."""
+    from whisper_ptq.backends import BACKENDS, named_recipes
+
+    named = named_recipes()
+    if text in named:
+        return named[text]
+    if text.endswith(".json"):
+        return load_recipe_file(Path(text))
+    if ":" in text:
+        library, params = parse_params(text)
+        if library not in BACKENDS:
+            raise UserError(f"recipe {text!r}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
+        return BACKENDS[library].recipe(params, name=text)
+    raise UserError(
+        f"unknown recipe {text!r}; named recipes: {', '.join(named)} "
+        f"(or a parametric form such as hqq:nbits=3,group_size=64; see `whisper-ptq list`)"
+    )
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe file {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"recipe file {path} is not valid JSON: {exc}") from None
+    try:
+        return Recipe.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"recipe file {path} is not a recipe: {exc}") from None
+
+
+def save_recipe_file(recipe: Recipe, path: Path) -> None:
+    path.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
