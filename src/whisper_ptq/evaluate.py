@@ -1,0 +1,332 @@
+"""One evaluation: a (model, recipe) prepared once, then scored on one or more datasets.
+
+Where each reported number comes from:
+- WER / CER: `metrics.corpus_rates` over the per-utterance rows (`summarize`).
+- RTF: sum of the timed region (feature extraction + generate + decoding, after one untimed warm-up batch,
+  model load and audio decoding excluded) over the sum of audio durations.
+- size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
+  unquantized model; size_reduction = 1 - size / fp32 size.
+- peak_rss_bytes: the process's peak resident memory (getrusage), model load and quantization included.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from whisper_ptq.backends import BuildContext, Quantized, backend_for
+from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
+from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset
+from whisper_ptq.engine import set_threads
+from whisper_ptq.errors import UserError
+from whisper_ptq.metrics import corpus_rates, score_utterance
+from whisper_ptq.models import WhisperBundle, load_model, resolve_model
+from whisper_ptq.recipes import Recipe
+
+DEFAULT_CALIBRATION = "librispeech:train-clean-100"
+LIBRARY_PACKAGES = (
+    "torch",
+    "transformers",
+    "optimum-quanto",
+    "hqq",
+    "bitsandbytes",
+    "torchao",
+    "ctranslate2",
+    "jiwer",
+    "whisper-normalizer",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run: everything except what is evaluated."""
+
+    device: str = "cpu"
+    batch_size: int = 1
+    threads: int | None = None
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+    calibration: str = DEFAULT_CALIBRATION
+    calibration_limit: int = 32
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.calibration_limit < 1:
+            raise UserError(f"calibration limit must be at least 1, got {self.calibration_limit}")
+
+
+@dataclass(frozen=True)
+class UtteranceResult:
+    id: str
+    reference: str
+    hypothesis: str
+    ref_words: int
+    word_errors: int
+    ref_chars: int
+    char_errors: int
+    audio_seconds: float
+    seconds: float  # this utterance's share of its batch's timed region
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(rows: Iterable[UtteranceResult]) -> dict[str, float | int]:
+    """The accuracy and speed figures of a set of rows: the one place WER, CER and RTF are computed."""
+    rows = list(rows)
+    scores = [score_utterance(r.reference, r.hypothesis) for r in rows]
+    wer, cer = corpus_rates(scores)
+    audio = sum(r.audio_seconds for r in rows)
+    return {
+        "n_utterances": len(rows),
+        "audio_seconds": audio,
+        "wer": wer,
+        "cer": cer,
+        "rtf": sum(r.seconds for r in rows) / audio if audio else float("nan"),
+    }
+
+
+def environment() -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for package in LIBRARY_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def cpu_model() -> str:
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which quantized kernels run (AVX-512, VNNI, AMX)."""
+    for line in _cpuinfo():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return []
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def serialized_bytes(save: Callable[[Path], None]) -> int:
+    with tempfile.TemporaryDirectory(prefix="whisper-ptq-size-") as tmp:
+        save(Path(tmp))
+        return directory_bytes(Path(tmp))
+
+
+def check_runnable(recipe: Recipe, device: str) -> None:
+    reason = backend_for(recipe).check(recipe, device)
+    if reason:
+        raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
+
+
+def calibration_dataset(settings: Settings, evaluated: Iterable[Dataset]) -> Dataset:
+    """The calibration set, refused when it shares any audio with a dataset being evaluated."""
+    calib = open_dataset(settings.calibration, settings.data_root).limit(settings.calibration_limit)
+    calib_audio = {u.audio_path.resolve() for u in calib.utterances}
+    for dataset in evaluated:
+        if calib_audio & {u.audio_path.resolve() for u in dataset.utterances}:
+            raise UserError(
+                f"calibration set {settings.calibration!r} overlaps the evaluation set {dataset.spec!r}: "
+                "calibrating on test data is refused; use e.g. --calibration librispeech:train-clean-100"
+            )
+    return calib
+
+
+class Session:
+    """A model quantized by one recipe, ready to evaluate; built once for any number of datasets."""
+
+    def __init__(self, bundle: WhisperBundle, recipe: Recipe, quantized: Quantized, info: dict[str, Any]):
+        self.bundle, self.recipe, self.quantized, self.info = bundle, recipe, quantized, info
+
+    @classmethod
+    def open(cls, model: str, recipe: Recipe, settings: Settings, evaluated: Iterable[Dataset] = ()) -> Session:
+        """Validate everything cheap first (recipe, device, model spec, calibration), then load and quantize."""
+        check_runnable(recipe, settings.device)
+        resolve_model(model, settings.cache_dir)
+        calib = calibration_dataset(settings, evaluated) if recipe.needs_calibration else None
+        ctx = BuildContext(
+            device=settings.device,
+            calibration=(lambda: [calib.load_audio(u) for u in calib.utterances]) if calib else None,
+            calibration_spec=calib.spec if calib else None,
+        )
+        calibration_info = {
+            "calibration_dataset": calib.spec if calib else None,
+            "calibration_utterances": len(calib.utterances) if calib else 0,
+        }
+        bundle = load_model(model, settings.cache_dir)
+        return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, calibration_info)
+
+    @classmethod
+    def from_export(cls, path: Path, settings: Settings) -> Session:
+        """An exported model: the backend restores the saved quantized weights instead of quantizing."""
+        from whisper_ptq.export import export_recipe, load_export_bundle
+
+        recipe = export_recipe(path)
+        check_runnable(recipe, settings.device)
+        bundle = load_export_bundle(path)
+        backend = backend_for(recipe)
+        restore = lambda b, r, ctx: backend.load(b, r, Path(path) / "weights", ctx)  # noqa: E731
+        return cls._build(bundle, recipe, settings, BuildContext(device=settings.device), restore, {})
+
+    @classmethod
+    def _build(
+        cls,
+        bundle: WhisperBundle,
+        recipe: Recipe,
+        settings: Settings,
+        ctx: BuildContext,
+        make: Callable[[WhisperBundle, Recipe, BuildContext], Quantized],
+        extra: dict[str, Any],
+    ) -> Session:
+        threads = set_threads(settings.threads)
+        fp32_bytes = serialized_bytes(lambda d: torch.save(bundle.model.state_dict(), d / "model.pt"))
+        layers = linear_layers(bundle.model)
+        backend = backend_for(recipe)
+        with tempfile.TemporaryDirectory(prefix="whisper-ptq-work-") as work:
+            ctx.work_dir = Path(work)
+            start = time.perf_counter()
+            quantized = make(bundle, recipe, ctx)
+            quantize_seconds = time.perf_counter() - start
+            size = serialized_bytes(lambda d: backend.save(quantized, d))
+        info: dict[str, Any] = {
+            "model": bundle.source.spec,
+            "model_kind": bundle.source.kind,
+            "recipe": recipe.name,
+            "recipe_spec": recipe.to_dict(),
+            "device": settings.device,
+            "threads": threads,
+            "batch_size": settings.batch_size,
+            "quantize_seconds": quantize_seconds,
+            "size_bytes": size,
+            "fp32_size_bytes": fp32_bytes,
+            "size_reduction": 1.0 - size / fp32_bytes,
+            **extra,
+            **quantized.info,
+        }
+        if "linear_bits_per_weight" not in info and isinstance(quantized.model, torch.nn.Module):
+            info["linear_bits_per_weight"] = linear_bits_per_weight(quantized.model, layers)
+        return cls(bundle, recipe, quantized, info)
+
+    def transcribe_timed(self, audios: list) -> tuple[list[str], float]:
+        start = time.perf_counter()
+        texts = self.quantized.transcriber.transcribe(audios)
+        if self.info["device"].startswith("cuda"):
+            torch.cuda.synchronize()
+        return texts, time.perf_counter() - start
+
+    def evaluate(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        done: Iterable[str] = (),
+        on_rows: Callable[[list[UtteranceResult]], None] | None = None,
+        progress: bool = True,
+    ) -> EvalResult:
+        """Transcribe every utterance not in `done`, handing each batch's rows to `on_rows` as it ends."""
+        if not dataset.has_transcripts:
+            raise UserError(f"dataset {dataset.spec!r} has no transcripts: it can only be used for calibration")
+        done = set(done)
+        todo = [u for u in dataset.utterances if u.id not in done]
+        rows: list[UtteranceResult] = []
+        if todo:
+            self.transcribe_timed([dataset.load_audio(u) for u in todo[:batch_size]])  # warm-up, untimed
+        bar = tqdm(total=len(todo), desc=f"{self.recipe.name} {dataset.spec}", unit="utt", disable=not progress)
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            audios = [dataset.load_audio(u) for u in batch]
+            texts, seconds = self.transcribe_timed(audios)
+            new = [
+                _row(u, text, len(audio) / SAMPLE_RATE, seconds / len(batch))
+                for u, audio, text in zip(batch, audios, texts, strict=True)
+            ]
+            if on_rows:
+                on_rows(new)
+            rows.extend(new)
+            bar.update(len(batch))
+        bar.close()
+        return EvalResult(dataset=dataset.spec, rows=rows, info=self.info)
+
+
+def _row(utt: Any, hypothesis: str, audio_seconds: float, seconds: float) -> UtteranceResult:
+    score = score_utterance(utt.text, hypothesis)
+    return UtteranceResult(
+        id=utt.id,
+        reference=utt.text,
+        hypothesis=hypothesis.strip(),
+        ref_words=score.ref_words,
+        word_errors=score.word_errors,
+        ref_chars=score.ref_chars,
+        char_errors=score.char_errors,
+        audio_seconds=audio_seconds,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    rows: list[UtteranceResult]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "dataset": self.dataset,
+            **summarize(self.rows),
+            "peak_rss_bytes": peak_rss_bytes(),
+            **environment(),
+            "argv": sys.argv,
+        }
+
+
+def write_outputs(out_dir: Path, summary: dict[str, Any], rows: Iterable[UtteranceResult]) -> None:
+    """Write utterances.jsonl then summary.json, each through a temp file and rename: an interrupted run
+    never leaves a truncated file, and a summary.json present means its utterances are complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows)
+    _atomic_write(out_dir / "utterances.jsonl", lines)
+    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

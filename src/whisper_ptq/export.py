@@ -1,0 +1,63 @@
+"""Exported quantized models: a directory that `eval --model DIR` loads back with its recipe.
+
+Layout: `whisper_ptq_export.json` (recipe and source model), `model/` (config, generation config and
+processor: the architecture, no weights), `weights/` (what the library's own save path wrote).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+from whisper_ptq.backends import Quantized, backend_for
+from whisper_ptq.errors import UserError
+from whisper_ptq.models import ModelSource, WhisperBundle
+from whisper_ptq.recipes import Recipe
+
+MARKER = "whisper_ptq_export.json"
+
+
+def is_export_dir(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def export_recipe(path: str | Path) -> Recipe:
+    try:
+        return Recipe.from_dict(json.loads((Path(path) / MARKER).read_text())["recipe"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{Path(path) / MARKER} is not a valid whisper-ptq export: {exc}") from None
+
+
+def write_export(bundle: WhisperBundle, recipe: Recipe, quantized: Quantized, out_dir: Path) -> None:
+    """Write atomically: a failed export leaves nothing at `out_dir`."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"export target {out_dir} exists and is not an empty directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        bundle.model.config.save_pretrained(tmp / "model")
+        bundle.model.generation_config.save_pretrained(tmp / "model")
+        bundle.processor.save_pretrained(tmp / "model")
+        backend_for(recipe).save(quantized, tmp / "weights")
+        marker = {"recipe": recipe.to_dict(), "source_model": bundle.source.spec}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_export_bundle(path: str | Path) -> WhisperBundle:
+    """The exported architecture with freshly initialised weights, for the backend to overwrite."""
+    path = Path(path)
+    config = WhisperConfig.from_pretrained(path / "model")
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig.from_pretrained(path / "model")
+    processor = WhisperProcessor.from_pretrained(path / "model")
+    return WhisperBundle(model, processor, ModelSource(str(path), "export", path), hf_dir=None)

@@ -1,0 +1,87 @@
+"""Uncertainty of corpus error rates: bootstrap confidence intervals and paired significance tests.
+
+Both resample or permute whole utterances, the unit that was sampled, so that the correlation between the
+words of one utterance is respected. Rates are ratios of sums (corpus WER), recomputed on each resample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from whisper_ptq.metrics import error_rate
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    level: float = 0.95
+
+
+def bootstrap_rate_ci(
+    errors: np.ndarray, totals: np.ndarray, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> Interval:
+    """Percentile bootstrap interval of sum(errors)/sum(totals) in percent, resampling utterances."""
+    errors, totals = np.asarray(errors, float), np.asarray(totals, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(errors), size=(resamples, len(errors)))
+    sampled_totals = totals[idx].sum(axis=1)
+    rates = 100.0 * errors[idx].sum(axis=1) / np.where(sampled_totals > 0, sampled_totals, np.nan)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.nanquantile(rates, [alpha, 1.0 - alpha])
+    return Interval(error_rate(errors, totals), float(low), float(high), level)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    difference: float  # rate(b) - rate(a), percentage points
+    p_value: float
+    low: float  # bootstrap interval of the difference
+    high: float
+    n: int
+    changed: int  # utterances whose error count differs between a and b
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        return self.p_value < alpha
+
+
+def paired_test(
+    errors_a: np.ndarray,
+    errors_b: np.ndarray,
+    totals: np.ndarray,
+    *,
+    resamples: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedTest:
+    """Two-sided paired test of corpus error rate b vs a on the same utterances.
+
+    The statistic is the difference of corpus rates; its null distribution comes from randomly swapping
+    the two systems' error counts within each utterance (a paired permutation / sign-flip test: under the
+    null both systems are exchangeable on every utterance). The p-value counts the observed statistic
+    itself, so it is never zero; with few differing utterances every swap pattern is enumerated (exact
+    test). A paired bootstrap interval of the difference comes with it.
+    """
+    a, b, totals = (np.asarray(x, float) for x in (errors_a, errors_b, totals))
+    total = totals.sum()
+    diff = b - a
+    observed = 100.0 * diff.sum() / total
+    rng = np.random.default_rng(seed)
+    changed = diff[diff != 0]  # utterances with equal errors contribute nothing under any swap
+    if 2 ** len(changed) <= resamples:
+        # Few differing utterances: enumerate every swap pattern, an exact p-value.
+        signs = 1.0 - 2.0 * ((np.arange(2 ** len(changed))[:, None] >> np.arange(len(changed))) & 1)
+        null = 100.0 * (signs * changed).sum(axis=1) / total
+        p_value = np.count_nonzero(np.abs(null) >= abs(observed) - 1e-9) / len(null)
+    else:
+        signs = rng.choice((-1.0, 1.0), size=(resamples, len(changed)))
+        null = 100.0 * (signs * changed).sum(axis=1) / total
+        p_value = (np.count_nonzero(np.abs(null) >= abs(observed) - 1e-9) + 1) / (resamples + 1)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    boot = 100.0 * diff[idx].sum(axis=1) / totals[idx].sum(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    return PairedTest(float(observed), float(p_value), float(low), float(high), len(diff), len(changed))
