@@ -8,6 +8,7 @@ model is loaded. The named recipes live beside their backend (see `backends/`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class Recipe:
     granularity: str = "per-channel"
     group_size: int | None = None
     symmetric: bool = True
-    keep: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()  # regexes of module names kept in full precision
+    modules: tuple[str, ...] = ()  # regexes of module names to quantize; empty = every eligible module
     devices: tuple[str, ...] = ("cpu",)
     options: tuple[tuple[str, OptionValue], ...] = field(default=())
     description: str = ""
@@ -45,12 +47,20 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.scheme == "static"
 
+    def selects(self, module_name: str) -> bool:
+        """Whether this recipe quantizes the module of that name (sensitivity runs and mixed precision
+        restrict a recipe to some modules; `keep` always wins)."""
+        if any(re.search(p, module_name) for p in self.keep):
+            return False
+        return not self.modules or any(re.search(p, module_name) for p in self.modules)
+
     def option(self, key: str, default: OptionValue = None) -> OptionValue:
         return dict(self.options).get(key, default)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["keep"] = list(self.keep)
+        data["modules"] = list(self.modules)
         data["devices"] = list(self.devices)
         data["options"] = dict(self.options)
         return data
@@ -59,6 +69,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         data = dict(data)
         data["keep"] = tuple(data.get("keep", ()))
+        data["modules"] = tuple(data.get("modules", ()))
         data["devices"] = tuple(data.get("devices", ("cpu",)))
         data["options"] = tuple(sorted(dict(data.get("options", {})).items()))
         return cls(**data)

@@ -81,7 +81,9 @@ def paired_test(
         null = 100.0 * (signs * changed).sum(axis=1) / total
         p_value = (np.count_nonzero(np.abs(null) >= abs(observed) - 1e-9) + 1) / (resamples + 1)
     idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    boot = 100.0 * diff[idx].sum(axis=1) / totals[idx].sum(axis=1)
+    sampled_totals = totals[idx].sum(axis=1)
+    # A resample of only empty references has no rate; drop it rather than divide by zero (as bootstrap_rate_ci).
+    boot = 100.0 * diff[idx].sum(axis=1) / np.where(sampled_totals > 0, sampled_totals, np.nan)
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    low, high = np.nanquantile(boot, [alpha, 1.0 - alpha])
     return PairedTest(float(observed), float(p_value), float(low), float(high), len(diff), len(changed))

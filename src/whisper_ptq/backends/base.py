@@ -142,6 +142,15 @@ def linear_layers(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def target_linears(model: torch.nn.Module, recipe: Recipe, lm_head: bool = False) -> list[str]:
+    """Names of the nn.Linear modules a recipe quantizes: those it selects (`Recipe.selects`), and the tied
+    LM head `proj_out` only when the backend asks for it."""
+    names = list(linear_layers(model))
+    if lm_head and isinstance(getattr(model, "proj_out", None), torch.nn.Linear):
+        names.append("proj_out")
+    return [name for name in names if recipe.selects(name)]
+
+
 def linear_bits_per_weight(model: torch.nn.Module, layers: dict[str, int]) -> float:
     """Serialized bits per weight of the given (formerly nn.Linear) layers: each layer's state dict without
     its bias, saved with torch.save, so packed data, scales and zero points all count. Measuring the saved
