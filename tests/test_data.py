@@ -197,9 +197,7 @@ def test_missing_data_root(tmp_path, spec):
 
 
 def test_missing_split(shared_data):
-    with pytest.raises(
-        UserError, match=r"librispeech/dev-clean.*whisper-ptq data fetch librispeech:dev-clean"
-    ):
+    with pytest.raises(UserError, match=r"librispeech/dev-clean.*whisper-ptq data fetch librispeech:dev-clean"):
         open_dataset("librispeech:dev-clean", shared_data)
 
 
@@ -337,9 +335,7 @@ def test_fetch_fails_fast_offline(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    ("spec", "culprit"), [("librispeech:test-foo", "test-foo"), ("manifest:x.jsonl", "x.jsonl")]
-)
+@pytest.mark.parametrize(("spec", "culprit"), [("librispeech:test-foo", "test-foo"), ("manifest:x.jsonl", "x.jsonl")])
 def test_fetch_unfetchable(tmp_path, spec, culprit):
     with pytest.raises(UserError, match=culprit):
         data.fetch_dataset(spec, tmp_path)

@@ -1,0 +1,74 @@
+"""A sweep worker: one job (model + recipe, then its dataset parts), events out as JSON lines.
+
+Run as `python -m whisper_ptq.executors.worker`: the job arrives as one JSON document on stdin, events
+leave on stdout, one per line, and everything else the process prints goes to stderr (the executor keeps
+it as the job's log). `run_job` is the same work for executors that call it in-process (Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TextIO
+
+from whisper_ptq.data import open_dataset
+from whisper_ptq.errors import UserError
+from whisper_ptq.evaluate import Session, environment, peak_rss_bytes
+from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Rows, encode_event
+
+
+def run_job(job: Job, emit: Callable[[Event], None]) -> None:
+    """Quantize once, then transcribe each part's utterances, emitting every batch as it ends."""
+    datasets = [open_dataset(part.dataset, job.settings.data_root) for part in job.parts]
+    session = Session.open(job.model, job.recipe, job.settings, evaluated=datasets)
+    emit(Opened(job.index, {**session.info, **environment()}))  # the machine it ran on, for the report
+    for part, dataset in zip(job.parts, datasets, strict=True):
+        done = {u.id for u in dataset.utterances} - set(part.todo)
+        session.evaluate(
+            dataset,
+            job.settings.batch_size,
+            done=done,
+            on_rows=lambda rows, spec=part.dataset: emit(Rows(job.index, spec, tuple(rows))),
+            progress=False,  # the driver draws the bars from the events
+        )
+        emit(Finished(job.index, part.dataset, {"peak_rss_bytes": peak_rss_bytes()}))
+
+
+def one_line(exc: BaseException) -> str:
+    """A user error as its message; anything else with its type, since that is often the only clue."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else ""
+    return message if isinstance(exc, UserError) else f"{type(exc).__name__}: {message}".rstrip(": ")
+
+
+def _protocol_stream() -> TextIO:
+    """Keep the real stdout for events and point fd 1 at stderr, so that whatever a library prints (Python
+    or native code) cannot corrupt the event stream."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return protocol
+
+
+def main() -> int:
+    protocol = _protocol_stream()
+
+    def emit(event: Event) -> None:
+        protocol.write(encode_event(event) + "\n")
+        protocol.flush()  # the driver stores each batch as soon as it arrives
+
+    job = Job.from_dict(json.loads(sys.stdin.read()))
+    try:
+        run_job(job, emit)
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported, then the worker exits
+        traceback.print_exc()
+        emit(Failed(job.index, one_line(exc)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""The bench sweep: an experiment (TOML file or preset) run as models x recipes x datasets tasks.
+
+Everything is validated before anything runs: the file's keys and types, every recipe, model and dataset
+(and the calibration set when a static recipe will run). Then each (model, recipe) becomes one job for an
+executor (one worker process each, locally), while this process, the driver, alone writes the results
+database from the events the jobs stream back. What the database already holds is not run again, so a
+re-run into the same directory resumes an interrupted sweep and a finished one costs nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from whisper_ptq.backends import backend_for
+from whisper_ptq.data import NoiseModifier, open_dataset
+from whisper_ptq.errors import UserError
+from whisper_ptq.evaluate import (
+    DEFAULT_CALIBRATION,
+    Settings,
+    UtteranceResult,
+    calibration_dataset,
+    environment,
+    summarize,
+)
+from whisper_ptq.executors import make_executor
+from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows
+from whisper_ptq.models import resolve_model
+from whisper_ptq.recipes import Recipe, get_recipe
+from whisper_ptq.store import Store
+
+RESULTS_FILE = "results.sqlite"
+DEFAULT_EXPERIMENT = "paper"
+
+# ---------------------------------------------------------------------------------------------- experiments
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What a sweep evaluates and how; `config()` is its identity in the results database."""
+
+    name: str
+    recipes: tuple[str, ...]
+    datasets: tuple[str, ...]
+    models: tuple[str, ...] = ("base",)
+    snrs: tuple[float, ...] = ()  # each dataset is also evaluated with noise at each of these SNRs (dB)
+    noise: str = "white"
+    noise_seed: int = 0
+    limit: int | None = None
+    batch_size: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+    calibration: str = DEFAULT_CALIBRATION
+    calibration_limit: int = 32
+    source: str = field(default="", compare=False)  # the file or preset it came from, for error messages
+
+    def config(self) -> dict[str, Any]:
+        config = asdict(self)
+        del config["source"]  # where it was read from does not change what it is
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str = "") -> Experiment:
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
+        return cls(**values, source=source)
+
+    def dataset_specs(self) -> list[str]:
+        """Every dataset as listed, each followed by its noisy variants."""
+        return [
+            variant
+            for spec in self.datasets
+            for variant in (
+                spec,
+                *(f"{spec}+noise:snr={snr:g},kind={self.noise},seed={self.noise_seed}" for snr in self.snrs),
+            )
+        ]
+
+    def settings(self, data_root: Path | None, cache_dir: Path | None) -> Settings:
+        return Settings(
+            device=self.device,
+            batch_size=self.batch_size,
+            threads=self.threads,
+            data_root=data_root,
+            cache_dir=cache_dir,
+            calibration=self.calibration,
+            calibration_limit=self.calibration_limit,
+            progress=False,  # workers draw no bars: the driver draws them from the events
+        )
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What an experiment file's key must hold."""
+
+    expected: str
+    valid: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML `true` is not a count
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v.strip() for v in value)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_STRING = _Key("a string", lambda v: isinstance(v, str) and bool(v.strip()))
+_STRINGS = _Key("a non-empty list of strings", _strings)
+_COUNT = _Key("a positive integer", lambda v: _is_int(v) and v >= 1)
+KEYS: dict[str, _Key] = {
+    # The name becomes the default output dir runs/<name>, so it must be one plain path component.
+    "name": _Key("letters, digits, '.', '_' or '-'", lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None),
+    "models": _STRINGS,
+    "recipes": _STRINGS,
+    "datasets": _STRINGS,
+    "snrs": _Key(
+        "a list of numbers (dB)", lambda v: isinstance(v, list) and all(_is_int(x) or isinstance(x, float) for x in v)
+    ),
+    "noise": _Key(" or ".join(f'"{k}"' for k in NoiseModifier.KINDS), lambda v: v in NoiseModifier.KINDS),
+    "noise_seed": _Key("an integer", _is_int),
+    "limit": _COUNT,
+    "batch_size": _COUNT,
+    "threads": _COUNT,
+    "device": _Key('"cpu", "cuda" or "cuda:<N>"', lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),
+    "calibration": _STRING,
+    "calibration_limit": _COUNT,
+}
+REQUIRED = ("recipes", "datasets")
+
+
+def presets() -> dict[str, Path]:
+    folder = resources.files("whisper_ptq") / "presets"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """A preset by name, or an experiment file by path."""
+    known = presets()
+    if name_or_path in known:
+        return parse_experiment(known[name_or_path].read_text(), f"preset {name_or_path!r}", name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".toml" and not path.exists():
+        raise UserError(
+            f"unknown experiment {name_or_path!r}: presets are {', '.join(sorted(known))}, or give a .toml file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read experiment file {path}: {exc.strerror}") from None
+    return parse_experiment(text, str(path), path.stem)
+
+
+def parse_experiment(text: str, source: str, default_name: str) -> Experiment:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: invalid TOML: {exc}") from None  # the message names line and column
+    for key, value in data.items():
+        where = _where(source, text, key)
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
+            raise UserError(f"{where}: unknown key {key!r}{hint}")
+        if not KEYS[key].valid(value):
+            raise UserError(f"{where}: {key!r} must be {KEYS[key].expected}, got {value!r}")
+    missing = [key for key in REQUIRED if key not in data]
+    if missing:
+        raise UserError(f"{source}: missing key {missing[0]!r} ({KEYS[missing[0]].expected})")
+    return Experiment.from_config({"name": default_name, **data}, source)
+
+
+def _where(source: str, text: str, key: str) -> str:
+    """`source:line` of the key's first assignment; tomllib reports positions only for syntax errors."""
+    match = re.search(rf"^\s*{re.escape(key)}\s*=", text, re.MULTILINE)
+    return f"{source}:{text.count(chr(10), 0, match.start()) + 1}" if match else source
+
+
+def select_experiment(
+    name_or_path: str | None, out: Path | None, resume: bool, limit: int | None
+) -> tuple[Experiment, Path]:
+    """The experiment and output dir of a bench command. With `resume` and no experiment named, the one
+    stored in the output dir is continued; with `resume`, a dir holding no results is an error."""
+    if resume and name_or_path is None:
+        out = out or Path("runs") / DEFAULT_EXPERIMENT
+        experiment = stored_experiment(out)
+    else:
+        experiment = load_experiment(name_or_path or DEFAULT_EXPERIMENT)
+        out = out or Path("runs") / experiment.name
+        if resume and not (out / RESULTS_FILE).exists():
+            raise UserError(f"nothing to resume: {out} holds no {RESULTS_FILE}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {out} exists and is a file")
+    return (replace(experiment, limit=limit) if limit is not None else experiment), out
+
+
+def stored_experiment(out: Path) -> Experiment:
+    with Store.open(out / RESULTS_FILE) as store:
+        return Experiment.from_config(store.experiment.config, str(out / RESULTS_FILE))
+
+
+def stored_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The experiment config and the results an output dir holds (the report's input)."""
+    with Store.open(out / RESULTS_FILE) as store:
+        return store.experiment.config, store.results()
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Task:
+    """One model x recipe x dataset cell of the sweep."""
+
+    position: int
+    model: str
+    recipe: Recipe
+    dataset: str  # canonical spec
+    ids: tuple[str, ...]  # the utterances it evaluates, in dataset order
+    skip: str | None  # why the recipe cannot run here; None when it can
+
+
+def plan(experiment: Experiment, settings: Settings) -> list[Task]:
+    """All tasks in experiment order (models x recipes x datasets, the fp32 baseline first), after
+    validating every name: nothing has run when this raises."""
+    try:
+        for model in _unique(experiment.models, "model"):
+            resolve_model(model, settings.cache_dir)
+        recipes = _baseline_first([get_recipe(text) for text in _unique(experiment.recipes, "recipe")])
+        datasets = [
+            open_dataset(spec, settings.data_root).limit(experiment.limit) for spec in experiment.dataset_specs()
+        ]
+        _unique([d.spec for d in datasets], "dataset")
+        unscorable = next((d.spec for d in datasets if not d.has_transcripts), None)
+        if unscorable:
+            raise UserError(f"dataset {unscorable!r} has no transcripts: it can only be used for calibration")
+        skips = {r.name: backend_for(r).check(r, settings.device) for r in recipes}
+        if any(r.needs_calibration and not skips[r.name] for r in recipes):
+            calibration_dataset(settings, datasets)
+    except UserError as exc:
+        raise UserError(f"{experiment.source or experiment.name}: {exc}") from None
+    cells = [(m, r, d) for m in experiment.models for r in recipes for d in datasets]
+    return [
+        Task(i, model, recipe, dataset.spec, tuple(u.id for u in dataset.utterances), skips[recipe.name])
+        for i, (model, recipe, dataset) in enumerate(cells)
+    ]
+
+
+def _unique(items: Sequence[str], what: str) -> Sequence[str]:
+    twice = next((item for i, item in enumerate(items) if item in items[:i]), None)
+    if twice is not None:
+        raise UserError(f"{what} {twice!r} is listed twice")
+    return items
+
+
+def _baseline_first(recipes: list[Recipe]) -> list[Recipe]:
+    # The report and the terminal table compare every recipe with the fp32 reference; running it first
+    # also gives the earliest useful partial result.
+    return sorted(recipes, key=lambda r: not (r.scheme == "reference" and r.weights == "fp32"))
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    out_dir: Path
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+    executor: str = "local"
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    results: list[dict[str, Any]]  # Store.results()
+    jobs: int  # worker jobs this run started (0: the database already held everything)
+
+
+def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
+    settings = experiment.settings(options.data_root, options.cache_dir)
+    tasks = plan(experiment, settings)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    with Store.for_experiment(
+        options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force
+    ) as store:
+        # The driver's machine and settings; each task's info also carries its worker's own environment.
+        env_id = store.record_environment(
+            {
+                **environment(),
+                "device": settings.device,
+                "threads": settings.threads,  # None: each library's default
+                "batch_size": settings.batch_size,
+                "executor": options.executor,
+                "argv": sys.argv,
+            }
+        )
+        task_ids = {task: store.ensure_task(task.position, task.model, task.recipe, task.dataset) for task in tasks}
+        jobs = _jobs(tasks, task_ids, store, settings)
+        recorder = _Recorder(store, env_id, jobs, tasks, task_ids, options.progress)
+        if jobs:
+            make_executor(options.executor, options.out_dir).run(jobs, recorder)
+        recorder.close()
+        return SweepResult(store.results(), len(jobs))
+
+
+def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings) -> list[Job]:
+    """The work still to do, one job per (model, recipe); settles the tasks that need none."""
+    parts: dict[tuple[str, Recipe], list[Part]] = {}
+    for task in tasks:
+        task_id = task_ids[task]
+        stored = store.done_ids(task_id)
+        todo = tuple(i for i in task.ids if i not in stored)
+        if not todo:
+            if store.status(task_id) != "done":  # killed between its last batch and its end
+                store.set_status(task_id, "done")
+        elif task.skip:
+            store.set_status(task_id, "skipped", task.skip)
+        else:
+            store.set_status(task_id, "pending")  # clears the error of an earlier failed attempt
+            parts.setdefault((task.model, task.recipe), []).append(Part(task.dataset, todo))
+    return [Job(i, model, recipe, tuple(ps), settings) for i, ((model, recipe), ps) in enumerate(parts.items())]
+
+
+class _Recorder:
+    """The driver's event handler: writes each event to the database and moves the progress bars."""
+
+    def __init__(
+        self,
+        store: Store,
+        environment_id: int,
+        jobs: list[Job],
+        tasks: list[Task],
+        task_ids: dict[Task, int],
+        progress: bool,
+    ):
+        self.store, self.environment_id, self.progress = store, environment_id, progress
+        by_cell = {(t.model, t.recipe, t.dataset): (task_ids[t], len(t.ids)) for t in tasks}
+        # (job index, dataset) -> (task id, utterances the task has in all)
+        self.parts = {(j.index, p.dataset): by_cell[j.model, j.recipe, p.dataset] for j in jobs for p in j.parts}
+        self.todo = {(j.index, p.dataset): len(p.todo) for j in jobs for p in j.parts}
+        self.labels = {j.index: j.label for j in jobs}
+        self.sweep_bar = tqdm(
+            total=len(tasks),
+            initial=len(tasks) - len(self.parts),
+            desc="sweep",
+            unit="task",
+            position=0,
+            disable=not progress,
+        )
+        self.task_bar: tqdm | None = None
+        self.task_bar_key: tuple[int, str] | None = None
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case Opened(job=job, info=info):
+                for task_id in self._task_ids(job):
+                    self.store.merge_info(task_id, info)
+                    self.store.set_status(task_id, "running", environment_id=self.environment_id)
+            case Rows(job=job, dataset=dataset, rows=rows):
+                self.store.add_rows(self.parts[job, dataset][0], rows, self.environment_id)
+                self._bar(job, dataset).update(len(rows))
+            case Finished(job=job, dataset=dataset, info=info):
+                task_id, total = self.parts[job, dataset]
+                self.store.merge_info(task_id, info)
+                if len(self.store.done_ids(task_id)) == total:
+                    self._end(task_id, "done")
+            case Failed(job=job, error=error, dataset=dataset):
+                unfinished = self._task_ids(job, dataset)
+                if unfinished:
+                    tqdm.write(f"{self.labels[job]}: failed: {error}", file=sys.stderr)
+                for task_id in unfinished:
+                    self._end(task_id, "failed", error)
+
+    def close(self) -> None:
+        """Fail what an executor left unfinished without saying why (it should not happen)."""
+        for job, dataset in self.parts:
+            self(Failed(job, "worker ended before finishing", dataset))
+        self.sweep_bar.close()
+
+    def _task_ids(self, job: int, dataset: str | None = None) -> list[int]:
+        """The job's tasks (or the one of `dataset`) that have not ended yet."""
+        ids = [task_id for (j, d), (task_id, _) in self.parts.items() if j == job and dataset in (None, d)]
+        return [task_id for task_id in ids if self.store.status(task_id) in ("pending", "running")]
+
+    def _bar(self, job: int, dataset: str) -> tqdm:
+        """The bar of the task now receiving rows (one at a time: jobs run their parts in order)."""
+        if self.task_bar is None or self.task_bar_key != (job, dataset):
+            self._close_bar()
+            self.task_bar_key = (job, dataset)
+            self.task_bar = tqdm(
+                total=self.todo[job, dataset],
+                desc=f"{self.labels[job]} {_label(dataset)}",
+                unit="utt",
+                position=1,
+                leave=False,
+                disable=not self.progress,
+            )
+        return self.task_bar
+
+    def _close_bar(self) -> None:
+        if self.task_bar is not None:
+            self.task_bar.close()
+            self.task_bar = None
+
+    def _end(self, task_id: int, status: str, error: str | None = None) -> None:
+        self.store.set_status(task_id, status, error)
+        self._close_bar()
+        self.sweep_bar.update(1)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def print_summary(results: list[dict[str, Any]], console: Console | None = None) -> None:
+    """The one-screen terminal table: one row per (model, recipe), the WER of each dataset."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    models = list(dict.fromkeys(r["model"] for r in results))
+    systems: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        systems.setdefault((result["model"], result["recipe"]), []).append(result)
+    table = Table(title="whisper-ptq bench")
+    for column in [*(["model"] if len(models) > 1 else []), "recipe", *(f"WER {_label(d)}" for d in datasets)]:
+        table.add_column(column)
+    table.add_column("RTF", justify="right")
+    table.add_column("size red.", justify="right")
+    table.add_column("status", overflow="fold", max_width=50)
+    for (model, recipe), cells in systems.items():
+        wer = {c["dataset"]: c["summary"].get("wer") for c in cells}
+        rows = [UtteranceResult(**u) for c in cells for u in c["utterances"]]
+        info = next((c["summary"] for c in cells if c["summary"]), {})
+        table.add_row(
+            *([model] if len(models) > 1 else []),
+            recipe,
+            *(_number(wer.get(d), ".2f") for d in datasets),
+            _number(summarize(rows)["rtf"] if rows else None, ".3f"),
+            _number(100 * info["size_reduction"] if "size_reduction" in info else None, ".0f", "%"),
+            _status(cells),
+        )
+    # Not narrower than 120 columns: a pipe or a small terminal would otherwise cut recipe names.
+    (console or Console(width=max(120, Console().width))).print(table)
+
+
+def _label(spec: str) -> str:
+    """`librispeech:test-other+noise:snr=10,...` -> `test-other snr=10`: the split and each modifier's
+    first parameter, short enough for a column header."""
+    base, *modifiers = spec.split("+")
+    return " ".join([base.split(":", 1)[-1], *(m.split(":", 1)[-1].split(",")[0] for m in modifiers)])
+
+
+def _number(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _status(cells: list[dict[str, Any]]) -> str:
+    trouble = next((c for c in cells if c["status"] != "done"), None)
+    if trouble is None:
+        return "done"
+    return f"{trouble['status']}: {trouble['error']}" if trouble["error"] else trouble["status"]

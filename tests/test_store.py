@@ -1,0 +1,83 @@
+"""The results database: identity of the experiment, idempotent rows, recomputed summaries, refusals."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from whisper_ptq.errors import UserError
+from whisper_ptq.evaluate import UtteranceResult, summarize
+from whisper_ptq.recipes import Recipe
+from whisper_ptq.store import Store, config_hash
+
+CONFIG = {"name": "t", "recipes": ["fp32"], "datasets": ["librispeech:test-clean"], "limit": 2}
+FP32 = Recipe(name="fp32", library="reference", scheme="reference", weights="fp32", granularity="per-tensor")
+
+
+def row(utt_id: str, hypothesis: str = "a b", word_errors: int = 0) -> UtteranceResult:
+    return UtteranceResult(utt_id, "a b", hypothesis, 2, word_errors, 3, word_errors, 2.0, 0.5)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "results.sqlite"
+
+
+def test_rows_are_stored_once_and_summaries_recomputed(db):
+    with Store.create(db, "t", CONFIG) as store:
+        task = store.ensure_task(0, "tiny.en", FP32, "librispeech:test-clean")
+        assert store.ensure_task(0, "tiny.en", FP32, "librispeech:test-clean") == task
+        store.merge_info(task, {"size_bytes": 10, "calibration_dataset": None})
+        store.set_status(task, "running")
+        store.add_rows(task, [row("u2", "a", 1), row("u1")])
+        store.add_rows(task, [row("u2", "different"), row("u3")])  # u2 again: the first copy stays
+        [result] = store.results()
+    assert result["status"] == "partial" and result["error"] is None
+    assert [u["id"] for u in result["utterances"]] == ["u1", "u2", "u3"]
+    assert result["utterances"][1]["hypothesis"] == "a"
+    rows = [UtteranceResult(**u) for u in result["utterances"]]
+    assert result["summary"] == {"size_bytes": 10, "calibration_dataset": None, **summarize(rows)}
+    assert result["recipe_spec"] == FP32.to_dict()
+
+
+def test_reopened_database_keeps_experiment_and_tasks(db):
+    Store.create(db, "t", CONFIG).close()
+    with Store.for_experiment(db, "t", CONFIG) as store:
+        assert store.experiment.config == CONFIG and store.experiment.config_hash == config_hash(CONFIG)
+        task = store.ensure_task(0, "tiny.en", FP32, "d")
+        store.set_status(task, "failed", "boom")
+        [result] = store.results()
+    assert (result["status"], result["error"], result["summary"]) == ("failed", "boom", {})
+
+
+def test_a_different_experiment_is_refused_unless_forced(db):
+    with Store.create(db, "t", CONFIG) as store:
+        store.add_rows(store.ensure_task(0, "tiny.en", FP32, "d"), [row("u1")])
+    other = {**CONFIG, "limit": 3}
+    with pytest.raises(UserError, match="different experiment.*--force"):
+        Store.for_experiment(db, "t", other)
+    with Store.for_experiment(db, "t", other, force=True) as store:
+        assert store.experiment.config == other and store.results() == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_corrupt_database_is_refused_and_left_alone(db, force):
+    garbage = os.urandom(8192)
+    db.write_bytes(garbage)
+    with pytest.raises(UserError, match="corrupt or not a SQLite database"):
+        Store.for_experiment(db, "t", CONFIG, force=force)
+    assert db.read_bytes() == garbage
+
+
+def test_another_sqlite_file_is_not_taken_for_ours(db):
+    sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(UserError, match="not a whisper-ptq results database"):
+        Store.open(db)
+
+
+def test_a_creation_killed_midway_leaves_nothing_in_the_way(db):
+    (db.parent / f".{db.name}.creating").write_bytes(b"half a database")
+    with Store.for_experiment(db, "t", CONFIG) as store:
+        assert store.experiment.name == "t"
