@@ -151,8 +151,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from whisper_ptq.report import write_report
     from whisper_ptq.sweep import SweepOptions, print_summary, run_sweep, select_experiment
 
+    if args.ray_address is not None and args.executor != "ray":
+        raise UserError("--ray-address needs --executor ray")
     experiment, out = select_experiment(args.experiment, args.out, args.resume, args.limit)
-    options = SweepOptions(out, args.data_root, args.cache_dir, args.executor, args.force, not args.no_progress)
+    options = SweepOptions(
+        out,
+        args.data_root,
+        args.cache_dir,
+        args.executor,
+        args.force,
+        not args.no_progress,
+        executor_options={"address": args.ray_address} if args.executor == "ray" else {},
+    )
     sweep = run_sweep(experiment, options)
     if sweep.jobs == 0:
         print(f"nothing left to run: {out} already holds every result of {experiment.name!r}")
@@ -219,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--force", action="store_true", help="discard results of a different experiment in --out")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of each dataset")
     p.add_argument("--executor", choices=list(EXECUTORS), default="local", help="where the workers run")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster for --executor ray, e.g. HEAD_IP:6379 (default: $RAY_ADDRESS, else a cluster started on "
+        "this machine by `ray start`, else a new local one)",
+    )
     p.add_argument("--data-root", type=Path, default=None, help="data root (else $WHISPER_PTQ_DATA)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (else $WHISPER_PTQ_CACHE)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

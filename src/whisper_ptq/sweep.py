@@ -282,6 +282,7 @@ class SweepOptions:
     executor: str = "local"
     force: bool = False
     progress: bool = True
+    executor_options: dict[str, Any] = field(default_factory=dict)  # the executor's own, e.g. Ray's address
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
         jobs = _jobs(tasks, task_ids, store, settings)
         recorder = _Recorder(store, env_id, jobs, tasks, task_ids, options.progress)
         if jobs:
-            make_executor(options.executor, options.out_dir).run(jobs, recorder)
+            make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
         recorder.close()
         return SweepResult(store.results(), len(jobs))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from whisper_ptq.executors.jobs import Event, Job
@@ -27,10 +27,12 @@ class Executor(Protocol):
 # name -> "module:class"; imported on use, so an optional dependency (Ray) is only needed when chosen.
 EXECUTORS: dict[str, str] = {
     "local": "whisper_ptq.executors.local:LocalExecutor",
+    "ray": "whisper_ptq.executors.ray:RayExecutor",
 }
 
 
-def make_executor(name: str, work_dir: Path) -> Executor:
-    """The executor called `name`; `work_dir` is where it may keep logs (the sweep's output dir)."""
+def make_executor(name: str, work_dir: Path, **options: Any) -> Executor:
+    """The executor called `name`; `work_dir` is where it may keep logs (the sweep's output dir), `options`
+    are its own settings (e.g. the Ray cluster's address)."""
     module, _, cls = EXECUTORS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(work_dir)
+    return getattr(importlib.import_module(module), cls)(work_dir, **options)

@@ -8,7 +8,7 @@ utterances. Events name their job by index and their part by dataset spec, so th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,15 @@ class Job:
     @property
     def label(self) -> str:
         return f"{self.model} {self.recipe.name}"
+
+    def shards(self, size: int) -> list[Job]:
+        """The job cut into jobs of one part and at most `size` utterances each, keeping its index (events
+        still route to its tasks). Each shard's ids are fixed, so a shard run again recomputes exactly them."""
+        return [
+            replace(self, parts=(Part(part.dataset, part.todo[start : start + size]),))
+            for part in self.parts
+            for start in range(0, len(part.todo), size)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)

@@ -1,0 +1,245 @@
+"""CTranslate2, the inference engine behind faster-whisper: a separate C++ runtime, its own weight formats.
+
+`quantize` converts the transformers model with CTranslate2's own converter (`TransformersConverter`, which
+quantizes at conversion time) and runs it with `ctranslate2.models.Whisper`. Decoding mirrors
+`HFTranscriber`: the same log-mel features, greedy search, the same start prompt, the same suppressed tokens
+(the converter copies them from the generation config) and the same length limit.
+
+What CTranslate2 quantizes (read back from model.bin): every Linear, both encoder convolutions and the token
+embedding, which is also the tied output projection; int8 is symmetric per output row, int16 one scale per
+tensor. Its int8 GEMM quantizes activations per row at run time. On x86 CPUs it uses Intel MKL only on Intel
+processors (oneDNN elsewhere), and int16 exists only through MKL: on AMD run with CT2_USE_MKL=1 to get it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.data import SAMPLE_RATE
+from whisper_ptq.errors import UserError
+from whisper_ptq.models import read_ct2_model
+from whisper_ptq.recipes import OptionValue, Recipe
+
+
+@dataclass(frozen=True)
+class ComputeType:
+    weights: str
+    activations: str | None
+    granularity: str
+    devices: tuple[str, ...]
+
+
+COMPUTE_TYPES = {
+    "int8": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
+    "int8_float32": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
+    "int16": ComputeType("int16", "int16", "per-tensor", ("cpu",)),
+    "float32": ComputeType("fp32", None, "per-tensor", ("cpu", "cuda")),
+    "float16": ComputeType("fp16", None, "per-tensor", ("cuda",)),
+    "int8_float16": ComputeType("int8", "int8", "per-channel", ("cuda",)),
+    "bfloat16": ComputeType("bf16", None, "per-tensor", ("cuda",)),
+}
+PROMPT_MULTILINGUAL = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+PROMPT_ENGLISH_ONLY = ("<|startoftranscript|>", "<|notimestamps|>")
+
+
+class CTranslate2Backend(Backend):
+    library = "ctranslate2"
+    description = "CTranslate2 (faster-whisper's engine): its own converter, int8/int16 formats and kernels"
+    requires = {"ctranslate2": "ctranslate2"}
+    params = {
+        "compute_type": Param(str, "int8", tuple(COMPUTE_TYPES), "CTranslate2 compute type (weights_activations)")
+    }
+    named = {
+        "ct2-int8": (
+            "CTranslate2 int8: int8 weights and GEMMs, fp32 elsewhere (faster-whisper's CPU default)",
+            {},
+        ),
+        "ct2-int8-float32": (
+            "CTranslate2 int8_float32 (the same as int8 on CPU)",
+            {"compute_type": "int8_float32"},
+        ),
+        "ct2-int16": ("CTranslate2 int16 weights and GEMMs (Intel MKL only)", {"compute_type": "int16"}),
+        "ct2-float32": (
+            "CTranslate2 float32: no quantization, an independent engine",
+            {"compute_type": "float32"},
+        ),
+        "ct2-float16": ("CTranslate2 float16 (GPU)", {"compute_type": "float16"}),
+        "ct2-int8-float16": (
+            "CTranslate2 int8 weights, fp16 elsewhere (GPU)",
+            {"compute_type": "int8_float16"},
+        ),
+    }
+
+    def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
+        compute_type = str(values["compute_type"])
+        spec = COMPUTE_TYPES[compute_type]
+        return Recipe(
+            name=name,
+            library=self.library,
+            scheme="dynamic" if spec.activations else "reference",
+            weights=spec.weights,
+            activations=spec.activations,
+            granularity=spec.granularity,
+            devices=spec.devices,
+            options=(("compute_type", compute_type),),
+            description=description or f"CTranslate2 {compute_type}",
+        )
+
+    def check(self, recipe: Recipe, device: str) -> str | None:
+        if reason := super().check(recipe, device):
+            return reason
+        import ctranslate2
+
+        kind = device.split(":")[0]
+        compute_type = str(recipe.option("compute_type"))
+        try:
+            supported = ctranslate2.get_supported_compute_types(kind)
+        except (RuntimeError, ValueError) as exc:
+            return f"CTranslate2 cannot use {kind}: {exc}"
+        if compute_type in supported:
+            return None
+        hint = " (CTranslate2 has int16 only through Intel MKL: on a non-Intel CPU set CT2_USE_MKL=1)"
+        return f"CTranslate2 supports {', '.join(sorted(supported))} on this {kind}, not {compute_type}" + (
+            hint if compute_type == "int16" else ""
+        )
+
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        import ctranslate2
+
+        if recipe.modules or recipe.keep:
+            raise UserError(f"recipe {recipe.name!r}: CTranslate2 quantizes every layer, it cannot select modules")
+        workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-ct2-")
+        model_dir = Path(workspace.name) / "model"
+        with tempfile.TemporaryDirectory(prefix="whisper-ptq-hf-") as scratch:
+            source = transformers_dir(bundle, Path(scratch))
+            # The converter reloads the model from disk: a second fp32 copy while it runs, then freed.
+            converter = ctranslate2.converters.TransformersConverter(str(source))
+            converter.convert(str(model_dir), quantization=str(recipe.option("compute_type")), force=True)
+        transcriber = CT2Transcriber.for_bundle(model_dir, bundle, recipe, ctx.device, workspace)
+        return Quantized(transcriber, model_dir, ct2_info(transcriber))
+
+    def save(self, quantized: Quantized, out_dir: Path) -> None:
+        """The converted CTranslate2 directory as is: faster-whisper and ctranslate2 load it directly."""
+        shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
+
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        if not (saved_dir / "model.bin").is_file():
+            raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
+        transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, recipe, ctx.device)
+        return Quantized(transcriber, saved_dir, ct2_info(transcriber))
+
+
+def transformers_dir(bundle: Any, scratch: Path) -> Path:
+    """A local transformers directory of the bundle's model (written to `scratch` for hub models)."""
+    if bundle.hf_dir is not None:
+        return Path(bundle.hf_dir)
+    bundle.model.save_pretrained(scratch)
+    bundle.processor.save_pretrained(scratch)
+    return scratch
+
+
+@dataclass
+class CT2Transcriber:
+    """A CTranslate2 Whisper model decoding exactly like `HFTranscriber` (greedy, English, no timestamps)."""
+
+    model_dir: Path
+    processor: Any  # the transformers WhisperProcessor: same features and tokenizer as HFTranscriber
+    compute_type: str
+    device: str = "cpu"
+    max_length: int = 448  # transformers' generation_config.max_length
+    max_target_positions: int = 448  # the decoder's position limit (model config)
+    # Owns the converted files when they live in a temporary directory, so `save` can copy them later.
+    workspace: tempfile.TemporaryDirectory | None = None
+    model: Any = field(init=False)
+    prompt: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        import ctranslate2
+
+        kind, _, index = self.device.partition(":")
+        self.model = ctranslate2.models.Whisper(
+            str(self.model_dir),
+            device=kind,
+            device_index=int(index or 0),
+            compute_type=self.compute_type,
+            intra_threads=torch.get_num_threads(),
+        )
+        tokens = PROMPT_MULTILINGUAL if self.model.is_multilingual else PROMPT_ENGLISH_ONLY
+        self.prompt = self.processor.tokenizer.convert_tokens_to_ids(list(tokens))
+
+    @classmethod
+    def for_bundle(
+        cls, model_dir: Path, bundle: Any, recipe: Recipe, device: str, workspace: Any = None
+    ) -> CT2Transcriber:
+        return cls(
+            model_dir,
+            bundle.processor,
+            str(recipe.option("compute_type")),
+            device,
+            bundle.model.generation_config.max_length,
+            bundle.model.config.max_target_positions,
+            workspace,
+        )
+
+    def ct2_max_length(self) -> int:
+        # transformers' Whisper generates min(max_length, max_target_positions - prompt) new tokens
+        # (`_set_max_new_tokens_and_length`); CTranslate2 decodes min(L / 2, L - prompt + 1) steps of its
+        # max_length L (OpenAI's sample_len rule): twice that budget stops it where transformers stops.
+        return 2 * min(self.max_length, self.max_target_positions - len(self.prompt))
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        import ctranslate2
+
+        features = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="np")
+        batch = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.input_features, np.float32))
+        results = self.model.generate(
+            batch,
+            [self.prompt] * len(audios),
+            beam_size=1,
+            max_length=self.ct2_max_length(),
+            suppress_blank=True,  # the converter's suppress_ids_begin = transformers' begin_suppress_tokens
+            suppress_tokens=[-1],  # the converter's suppress_ids = transformers' suppress_tokens
+            return_scores=False,
+        )
+        return self.processor.tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)
+
+
+def ct2_info(transcriber: CT2Transcriber) -> dict[str, Any]:
+    import ctranslate2
+
+    return {
+        "engine": f"ctranslate2 {ctranslate2.__version__}",
+        "compute_type": transcriber.model.compute_type,
+        **stored_weights(transcriber.model_dir / "model.bin"),
+    }
+
+
+def stored_weights(model_bin: Path) -> dict[str, Any]:
+    """Which weights CTranslate2 stored in which dtype, and the stored bits per Linear weight (raw bytes of
+    weights and scales, biases excluded), the CT2 counterpart of `base.linear_bits_per_weight`."""
+    variables = read_ct2_model(model_bin).variables
+    groups = {"linear": "/linear_", "conv": "/conv", "token_embedding": "decoder/embeddings/"}
+    dtypes = {
+        group: sorted({str(v.dtype).removeprefix("torch.") for n, v in variables.items() if _is_weight(n, marker)})
+        for group, marker in groups.items()
+    }
+    linear = [n for n in variables if _is_weight(n, groups["linear"])]
+    bits = sum(8 * (variables[n].nbytes + _nbytes(variables.get(n + "_scale"))) for n in linear)
+    weights = sum(variables[n].numel() for n in linear)
+    return {"stored_dtypes": dtypes, "linear_bits_per_weight": bits / weights}
+
+
+def _is_weight(name: str, marker: str) -> bool:
+    return marker in name and name.endswith("/weight")
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.nbytes

@@ -1,0 +1,151 @@
+"""The fastest honest CPU path: `whisper_ptq.fast_engine` (int8 per-token GEMMs, lean greedy loop), optionally
+with the encoder compiled by `torch.compile` (inductor fuses the per-row quantization into its neighbours).
+
+The speed knobs land in `Quantized.info` (summary.json, results database): engine, linear kinds and counts,
+LM head, attention, decoder threads, whether and how long the encoder was compiled.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.errors import UserError
+from whisper_ptq.fast_engine import SHORTLIST, FastTranscriber, FloatLinear, Int8Linear
+from whisper_ptq.recipes import OptionValue, Recipe
+
+KINDS = ("int8", "fp32")
+# What `keep` names, as regexes over transformers module names (Recipe.keep). The first encoder layer's
+# attention input has outlier channels (LayerNorm output of the conv stem): the one place where per-token int8
+# costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for any other layer).
+KEEP_CHOICES = {
+    None: (),
+    "encoder-first-attention": (r"^model\.encoder\.layers\.0\.self_attn\.",),
+    "encoder-first-layer": (r"^model\.encoder\.layers\.0\.",),
+}
+
+
+def kind_chooser(recipe: Recipe) -> Any:
+    """Int8 for a fused linear only when the recipe selects every part of it (`keep` wins), else fp32."""
+    int8 = recipe.weights == "int8"
+    return lambda names: "int8" if int8 and all(recipe.selects(name) for name in names) else "fp32"
+
+
+def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> float:
+    """Compile the encoder for its only input shape (one utterance, 30 s) and run it once; returns seconds.
+    Compiling here, in `quantize`, keeps the compile out of every timed region."""
+    start = time.perf_counter()
+    compiled = torch.compile(transcriber.encoder, dynamic=False)
+    with torch.inference_mode():
+        compiled(torch.zeros(1, mels, frames))
+    transcriber.encoder = compiled
+    return time.perf_counter() - start
+
+
+def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
+    """How many fused linears are int8 / fp32, and their serialized bits per weight (scales included, biases
+    not, as `base.linear_bits_per_weight` counts them)."""
+    linears = [m for m in modules if isinstance(m, (Int8Linear, FloatLinear))]
+    weights = sum(m.weight.numel() for m in linears)
+    stored = sum(_saved_bytes({k: v for k, v in m.state_dict().items() if k != "bias"}) for m in linears)
+    return {
+        "int8_linear": sum(isinstance(m, Int8Linear) for m in linears),
+        "fp32_linear": sum(isinstance(m, FloatLinear) for m in linears),
+        "linear_bits_per_weight": 8 * stored / weights,
+    }
+
+
+def _saved_bytes(state: dict[str, torch.Tensor]) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+class FastCPUBackend(Backend):
+    library = "fast"
+    description = "lean greedy engine: fused int8 per-token GEMMs (oneDNN VNNI), fp32-rescored int8 LM head"
+    params = {
+        "weights": Param(str, "int8", KINDS, "linear weights: int8 (per-token int8 activations) or fp32"),
+        "head": Param(str, "int8", KINDS, f"LM head: int8 shortlist of {SHORTLIST} re-scored in fp32, or fp32"),
+        "keep": Param(str, None, tuple(KEEP_CHOICES), "linears kept fp32 (the sensitive first encoder layer)"),
+        "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
+        "decoder_threads": Param(int, 1, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
+    }
+    named = {
+        "fast-cpu": (
+            "fast engine: int8 per-token linears (first encoder attention fp32), int8+fp32 LM head, compiled "
+            "encoder, 1-thread decoding loop",
+            {"keep": "encoder-first-attention"},
+        ),
+        "fast-cpu-int8": (
+            "fast engine with every linear int8 (no layer kept fp32)",
+            {},
+        ),
+        "fast-cpu-fp32": (
+            "fast engine, nothing quantized: the engine's own speed-up over transformers generate",
+            {"weights": "fp32", "head": "fp32", "compile": "false"},
+        ),
+    }
+
+    def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
+        weights, head, keep = str(values["weights"]), str(values["head"]), values["keep"]
+        threads = int(values["decoder_threads"])  # type: ignore[arg-type]
+        if threads < 0:
+            raise UserError(f"recipe {name!r}: decoder_threads must be 0 or more, got {threads}")
+        if keep and weights == "fp32":
+            raise UserError(f"recipe {name!r}: keep applies to weights=int8 only")
+        return Recipe(
+            name=name,
+            library=self.library,
+            scheme="dynamic" if weights == "int8" else "reference",
+            weights=weights,
+            activations="int8" if weights == "int8" else None,
+            granularity="per-token" if weights == "int8" else "per-tensor",
+            keep=KEEP_CHOICES[keep],
+            devices=("cpu",),
+            options=(
+                ("compile", bool(values["compile"])),
+                ("decoder_threads", threads),
+                ("head", head),
+                ("keep", keep),
+            ),
+            description=description or f"fast engine, {weights} linears, {head} head",
+        )
+
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        model = bundle.model.eval()
+        threads = int(recipe.option("decoder_threads"))  # type: ignore[arg-type]
+        head = str(recipe.option("head"))
+        transcriber = FastTranscriber(model, bundle.processor, kind_chooser(recipe), head, threads or None)
+        info: dict[str, Any] = {
+            "engine": "whisper_ptq.fast_engine.FastTranscriber (greedy loop, preallocated KV cache)",
+            "linears": "fused q/k/v; int8: per-channel symmetric weights, per-token symmetric activations, "
+            "torch._int_mm",
+            **linear_facts(list(transcriber.modules())),
+            "kept_fp32": list(recipe.keep),
+            "lm_head": f"int8 weight-only shortlist of {SHORTLIST}, re-scored in fp32" if head == "int8" else "fp32",
+            "attention": "torch SDPA (flash, fp32)",
+            "encoder_batching": "one utterance per encoder call",
+            "decoder_threads": threads or torch.get_num_threads(),
+            "compiled": bool(recipe.option("compile")),
+            "compile_seconds": None,
+        }
+        if recipe.option("compile"):
+            config = model.config
+            frames = 2 * config.max_source_positions  # conv2 has stride 2
+            info["compile_seconds"] = compile_encoder(transcriber, frames, config.num_mel_bins)
+        return Quantized(transcriber, None, info)
+
+    def save(self, quantized: Quantized, out_dir: Any) -> None:
+        """The engine's own weights (int8 and fp32 buffers, encoder and decoder) through torch.save."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        transcriber = quantized.transcriber
+        encoder = getattr(transcriber.encoder, "_orig_mod", transcriber.encoder)
+        state = {"encoder": encoder.state_dict(), "decoder": transcriber.decoder.state_dict()}
+        torch.save(state, out_dir / "model.pt")
