@@ -182,6 +182,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from whisper_ptq.data import open_dataset
+    from whisper_ptq.recipes import get_recipe
+    from whisper_ptq.sensitivity import Study, run_sensitivity
+
+    settings = _settings(args)
+    _check_out_dir(args.out)
+    dataset = open_dataset(args.dataset, settings.data_root).limit(args.limit)
+    study = Study(args.model, get_recipe(args.recipe), dataset, args.level)
+    result = run_sensitivity(study, settings, args.out, args.force)
+    print(result.files[0].read_text())
+    print("written: " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from whisper_ptq.data import open_dataset
+    from whisper_ptq.search import SearchSpec, parse_formats, run_search, write_search_report
+
+    settings = _settings(args)
+    _check_out_dir(args.out)
+    formats = parse_formats(args.formats)
+    search_set = open_dataset(args.search_dataset, settings.data_root).limit(args.limit)
+    tests = [open_dataset(spec, settings.data_root).limit(args.test_limit) for spec in args.test_datasets.split(",")]
+    spec = SearchSpec(args.model, args.budget, formats, search_set, tuple(tests), args.level)
+    result = run_search(spec, settings, args.out, args.force)
+    report = write_search_report(result, args.out)
+    print(report.read_text())
+    print(f"recipe: {result.recipe_file} (use it as --recipe {result.recipe_file}); report: {report}")
+    return 0 if result.within_budget else 1
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the culprit, exit code 2, like every other bad input."""
 
@@ -239,6 +271,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (else $WHISPER_PTQ_CACHE)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sensitivity", help="quantize one group of layers at a time; WER cost of each group")
+    p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
+    p.add_argument("--recipe", required=True, help="the recipe restricted to each group in turn")
+    p.add_argument("--dataset", default="librispeech:test-other")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances only")
+    p.add_argument("--level", choices=["coarse", "fine", "both"], default="coarse", help="component or layer groups")
+    p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="output directory (results.sqlite)")
+    p.add_argument("--force", action="store_true", help="discard results of a different study in --out")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("search", help="mixed precision: one format per layer group under a size budget")
+    p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
+    p.add_argument("--budget", type=float, required=True, help="largest size as a fraction of fp32, in (0, 1]")
+    p.add_argument("--formats", default="fp32,int8,int4,int3", help="formats to choose from: fp32,int8,int4,int3,int2")
+    p.add_argument("--search-dataset", default="ljspeech", help="the dataset the search measures on")
+    p.add_argument("--test-datasets", default="librispeech:test-other", help="comma-separated, never searched on")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of the search dataset")
+    p.add_argument("--test-limit", type=_positive_int, default=None, help="first N utterances of each test dataset")
+    p.add_argument("--level", choices=["coarse", "fine"], default="coarse", help="component or layer groups")
+    p.add_argument("--out", type=Path, default=Path("runs/search"), help="output directory (results.sqlite)")
+    p.add_argument("--force", action="store_true", help="discard results of a different search in --out")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="write the report of a bench output directory from its database alone")
     p.add_argument("dir", type=Path, help="a bench output directory (holding results.sqlite)")
