@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -125,6 +125,39 @@ class Backend(ABC):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
         """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
+
+
+HEAD = "proj_out"  # Whisper's LM head, tied to model.decoder.embed_tokens
+
+
+def keep_head_param(kept_by_default: bool) -> Param:
+    """The `keep` parameter: whether the LM head stays in full precision, tied to the token embedding and
+    stored once, or is quantized like every nn.Linear, which unties it (embedding and head both stored)."""
+    default = HEAD if kept_by_default else None
+    return Param(
+        str,
+        default,
+        (None, HEAD),
+        f"proj_out keeps the LM head in full precision; none quantizes it (default {default})",
+    )
+
+
+def head_info(recipe: Recipe) -> str:
+    """What happened to the LM head, for summary.json (it is a third of tiny's and base's weights)."""
+    if recipe.selects(HEAD):
+        return "quantized; tie to embed_tokens broken, the full-precision embedding is saved separately"
+    return "not quantized, still tied to model.decoder.embed_tokens (stored once)"
+
+
+def replace_linears_(model: torch.nn.Module, names: Iterable[str], make: Callable[[Any], torch.nn.Module]) -> None:
+    """Swap each named module for `make(module)`, one at a time, so at most one layer is ever held twice.
+    The new module takes the old one's train/eval mode: a fresh module is in training mode, and in training
+    mode bitsandbytes takes its fine-tuning paths on CPU (dequantize + fp matmul) instead of its kernels."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, make(old).train(old.training))
 
 
 def directory_bytes(path: Path) -> int:

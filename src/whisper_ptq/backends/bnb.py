@@ -18,14 +18,20 @@ CPU caveats found by reading bnb 0.50.2:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized, target_linears
+from whisper_ptq.backends.base import (
+    Backend,
+    BuildContext,
+    Param,
+    Quantized,
+    replace_linears_,
+    target_linears,
+)
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -167,17 +173,6 @@ def refuse_4bit_options(name: str, values: dict[str, OptionValue]) -> None:
     for key, default in defaults.items():
         if values[key] != default:
             raise UserError(f"recipe {name!r}: {key} applies to the 4-bit formats (nf4, fp4) only, not int8")
-
-
-def replace_linears_(model: nn.Module, names: list[str], make: Callable[[nn.Linear], nn.Module]) -> None:
-    """Swap each named nn.Linear for `make(linear)`, one at a time so only one layer is ever duplicated.
-    The new module takes the old one's train/eval mode: a fresh module is in training mode, and in training
-    mode bnb takes its fine-tuning paths on CPU (dequantize + fp matmul) instead of its inference kernels."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        setattr(parent, child, make(linear).train(linear.training))
 
 
 def bnb_layers(model: nn.Module) -> list[str]:

@@ -16,15 +16,23 @@ the saved state has quantized weights and lets `HQQLinear.load_state_dict` resto
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized, target_linears
-from whisper_ptq.backends.quanto import HEAD, head_kept, keep_head_param
+from whisper_ptq.backends.base import (
+    HEAD,
+    Backend,
+    BuildContext,
+    Param,
+    Quantized,
+    keep_head_param,
+    replace_linears_,
+    target_linears,
+)
+from whisper_ptq.backends.quanto import head_kept
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -42,15 +50,6 @@ def quant_config(recipe: Recipe) -> dict[str, Any]:
     return BaseQuantizeConfig(
         nbits=int(recipe.weights.removeprefix("int")), group_size=recipe.group_size, axis=recipe.option("axis")
     )
-
-
-def replace_linears_(model: nn.Module, names: list[str], make: Callable[[nn.Module], nn.Module]) -> None:
-    """Swap each named module for `make(module)`, one at a time: HQQLinear frees the fp32 weight it
-    quantized, so at most one layer is ever held twice."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child)))
 
 
 def hqq_linear(linear: nn.Module | None, config: dict[str, Any] | None, device: str) -> nn.Module:
@@ -77,7 +76,7 @@ class HQQBackend(Backend):
         "nbits": Param(int, 4, NBITS, "weight bits"),
         "group_size": Param(int, 64, GROUP_SIZES, "weights sharing one scale and zero point"),
         "axis": Param(int, 1, (0, 1), "grouping axis: 1 groups along input features (hqq's default)"),
-        "keep": keep_head_param(),
+        "keep": keep_head_param(kept_by_default=True),
     }
     named = {
         "hqq-int8": ("HQQLinear nbits=8, group_size=64 (weight-only)", {"nbits": "8"}),

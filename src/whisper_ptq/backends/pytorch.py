@@ -18,44 +18,35 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized, target_linears
+from whisper_ptq.backends.base import (
+    HEAD,
+    Backend,
+    BuildContext,
+    Param,
+    Quantized,
+    head_info,
+    keep_head_param,
+    replace_linears_,
+    target_linears,
+)
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
 
-HEAD = "proj_out"  # Whisper's LM head, tied to model.decoder.embed_tokens
 CALIBRATION_BATCH = 8
 QLinearOutputFp32 = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-
-
-def keep_param() -> Param:
-    """The `keep` parameter shared with the torchao backend: whether the LM head stays fp32 and tied."""
-    return Param(
-        str,
-        None,
-        (None, HEAD),
-        "proj_out keeps the LM head unquantized and tied to the token embedding (stored once); by default it "
-        "is quantized like every nn.Linear, which unties it, so the embedding and the quantized head both count",
-    )
 
 
 def targets(model: nn.Module, recipe: Recipe) -> set[str]:
     """The nn.Linear names to quantize: those the recipe selects, the LM head included unless kept."""
     return set(target_linears(model, recipe, lm_head=True))
-
-
-def head_info(recipe: Recipe) -> str:
-    """What happened to the LM head, for summary.json (it is half the decoder's weights in tiny/base)."""
-    if recipe.selects(HEAD):
-        return "quantized; tie to embed_tokens broken, the full-precision embedding is saved separately"
-    return "not quantized, still tied to model.decoder.embed_tokens (stored once)"
 
 
 @contextlib.contextmanager
@@ -127,13 +118,6 @@ def quantize_weight(weight: torch.Tensor, granularity: str) -> torch.Tensor:
     return torch.quantize_per_tensor(weight.detach(), float(scale), int(zero_point), torch.qint8)
 
 
-def replace_linears_(model: nn.Module, names: set[str], make: Callable[[nn.Module], nn.Module]) -> None:
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child)))
-
-
 def observe_linears_(model: nn.Module, recipe: Recipe) -> None:
     replace_linears_(model, targets(model, recipe), ObservedLinear)
 
@@ -174,7 +158,7 @@ class PyTorchBackend(Backend):
         "scheme": Param(str, "dynamic", ("dynamic", "static"), "activation scales per call or calibrated"),
         "granularity": Param(str, "per-tensor", ("per-tensor", "per-channel"), "weight scale granularity"),
         "weights": Param(str, "int8", ("int8",), "weight dtype"),
-        "keep": keep_param(),
+        "keep": keep_head_param(kept_by_default=False),
     }
     named = {
         "torch-int8-dynamic": (

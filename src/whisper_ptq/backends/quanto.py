@@ -40,7 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized, target_linears
+from whisper_ptq.backends.base import (
+    HEAD,
+    Backend,
+    BuildContext,
+    Param,
+    Quantized,
+    keep_head_param,
+    target_linears,
+)
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -48,24 +56,12 @@ from whisper_ptq.recipes import OptionValue, Recipe
 WEIGHTS = ("int8", "int4", "int2", "fp8")
 ACTIVATIONS = (None, "int8", "fp8")
 QTYPE_NAMES = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8": "qfloat8"}
-HEAD = "proj_out"
 ATTENTION = "sdpa"
 CALIBRATION_MOMENTUM = 0.9
 CALIBRATION_BATCH = 8
 STATE_FILE = "model.safetensors"
 MAP_FILE = "quantization_map.json"
 STREAMLINE_FILE = "streamline.json"
-
-
-def keep_head_param() -> Param:
-    """`keep`: whether the LM head stays fp32 (the default here) or is quantized like every nn.Linear."""
-    return Param(
-        str,
-        HEAD,
-        (None, HEAD),
-        "proj_out (default) keeps the LM head fp32 and tied to the token embedding (stored once); none "
-        "quantizes it too, which unties it: the fp32 embedding and the quantized head both count",
-    )
 
 
 def head_kept(recipe: Recipe) -> bool:
@@ -148,7 +144,7 @@ class QuantoBackend(Backend):
         "activations": Param(
             str, None, ACTIVATIONS, "activation dtype, per-tensor scales calibrated on the calibration audio"
         ),
-        "keep": keep_head_param(),
+        "keep": keep_head_param(kept_by_default=True),
     }
     named = {
         "quanto-int8": (

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
-from whisper_ptq.backends.pytorch import HEAD, head_info, keep_param, targets
+from whisper_ptq.backends.base import HEAD, Backend, BuildContext, Param, Quantized, head_info, keep_head_param
+from whisper_ptq.backends.pytorch import targets
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -86,7 +86,7 @@ class TorchaoBackend(Backend):
     params = {
         "mode": Param(str, "int8-dynamic", MODES, "what is quantized: weights and activations, or weights"),
         "group_size": Param(int, None, INT4_GROUP_SIZES, f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})"),
-        "keep": keep_param(),
+        "keep": keep_head_param(kept_by_default=False),
     }
     named = {
         "torchao-int8-dynamic": (
