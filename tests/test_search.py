@@ -27,8 +27,9 @@ from whisper_ptq.sensitivity import Group
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
 
 SHORTEST = 4  # index of the 2.1 s utterance in the test-clean sample
-ENCODER_ATTN = r"^model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$"
-DECODER_MLP = r"^model\.decoder\.layers\.\d+\.fc[12]$"
+# few layers, so that HQQ's solver stays quick on a busy CPU
+ENCODER_ATTN = r"^model\.encoder\.layers\.0\.self_attn\.(q|k|v|out)_proj$"
+DECODER_MLP = r"^model\.decoder\.layers\.1\.fc[12]$"
 
 
 HEAD_ENTRY = PlanEntry("proj_out", (r"^proj_out$",), get_recipe("hqq:nbits=3,group_size=64,keep=none"))
@@ -36,8 +37,8 @@ HEAD_ENTRY = PlanEntry("proj_out", (r"^proj_out$",), get_recipe("hqq:nbits=3,gro
 
 def plan() -> list[PlanEntry]:
     return [
-        PlanEntry("encoder.attn", (ENCODER_ATTN,), get_recipe("hqq:nbits=4,group_size=64,keep=none")),
-        PlanEntry("decoder.mlp", (DECODER_MLP,), get_recipe("hqq:nbits=8,group_size=64,keep=none")),
+        PlanEntry("encoder.attn.0", (ENCODER_ATTN,), get_recipe("hqq:nbits=4,group_size=64,keep=none")),
+        PlanEntry("decoder.mlp.1", (DECODER_MLP,), get_recipe("hqq:nbits=8,group_size=64,keep=none")),
     ]
 
 
@@ -70,12 +71,12 @@ def test_plan_applies_each_format_to_its_modules_only(mixed) -> None:
     bits = {n: m.meta["nbits"] for n, m in model.named_modules() if isinstance(m, hqq_quantize.HQQLinear)}
     assert {n for n, b in bits.items() if b == 4} == {n for n in bits if re.search(ENCODER_ATTN, n)}
     assert {n for n, b in bits.items() if b == 8} == {n for n in bits if re.search(DECODER_MLP, n)}
-    assert len(bits) == 4 * 4 + 4 * 2
+    assert len(bits) == 4 + 2
     # everything else is untouched fp32, the head still tied to the fp32 embedding
     plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
-    assert len(plain) == 4 * 2 + 4 * 8 + 1 and not any(re.search(ENCODER_ATTN, n) for n in plain)
+    assert len(plain) == 4 * 6 + 4 * 10 + 1 - 6 and not any(re.search(ENCODER_ATTN, n) for n in plain)
     assert model.proj_out.weight is model.get_input_embeddings().weight
-    assert [step["group"] for step in quantized.info["plan"]] == ["encoder.attn", "decoder.mlp"]
+    assert [step["group"] for step in quantized.info["plan"]] == ["encoder.attn.0", "decoder.mlp.1"]
 
 
 @pytest.mark.slow

@@ -205,7 +205,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
     formats = parse_formats(args.formats)
     search_set = open_dataset(args.search_dataset, settings.data_root).limit(args.limit)
-    tests = [open_dataset(spec, settings.data_root).limit(args.test_limit) for spec in args.test_datasets.split(",")]
+    tests = [open_dataset(spec, settings.data_root).limit(args.test_limit) for spec in args.test_datasets]
     spec = SearchSpec(args.model, args.budget, formats, search_set, tuple(tests), args.level)
     result = run_search(spec, settings, args.out, args.force)
     report = write_search_report(result, args.out)
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, required=True, help="largest size as a fraction of fp32, in (0, 1]")
     p.add_argument("--formats", default="fp32,int8,int4,int3", help="formats to choose from: fp32,int8,int4,int3,int2")
     p.add_argument("--search-dataset", default="ljspeech", help="the dataset the search measures on")
-    p.add_argument("--test-datasets", default="librispeech:test-other", help="comma-separated, never searched on")
+    p.add_argument("--test-datasets", nargs="+", default=["librispeech:test-other"], help="datasets never searched on")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of the search dataset")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="first N utterances of each test dataset")
     p.add_argument("--level", choices=["coarse", "fine"], default="coarse", help="component or layer groups")

@@ -173,6 +173,9 @@ class FastEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- decoder
 
 
+CrossKV = tuple[torch.Tensor, torch.Tensor]  # cross-attention keys, values: (batch, heads, frames, head_dim)
+
+
 class FastDecoderLayer(nn.Module):
     def __init__(self, layer: nn.Module, prefix: str, kind_of: KindOf):
         super().__init__()
@@ -194,25 +197,33 @@ class FastDecoderLayer(nn.Module):
         """(batch, length, width) -> (batch, heads, length, head_dim)"""
         return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-    def cross_keys_values(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_keys_values(self, encoded: torch.Tensor) -> CrossKV:
         keys, values = self.cross_kv(encoded).chunk(2, dim=-1)
         return self.heads_view(keys).contiguous(), self.heads_view(values).contiguous()
 
-    def forward(self, x: torch.Tensor, cache: LayerCache, start: int, cross: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """x: (batch, new tokens, width) at positions start.. ; writes their keys/values into `cache`."""
-        batch, length, width = x.shape
+    def forward(
+        self, x: torch.Tensor, start: int, rows: Sequence[int], cache: LayerCache, cross: CrossKV
+    ) -> torch.Tensor:
+        """x: (len(rows), new tokens, width) at positions start.. for the utterances `rows` of the batch;
+        writes their keys/values into `cache`. Attention runs row by row on views of the batch's cache and
+        cross keys/values, so finished utterances cost nothing and nothing is gathered or copied."""
+        active, length, width = x.shape
         end = start + length
-        q, k, v = self.qkv(self.attn_norm(x)).chunk(3, dim=-1)
-        cache.keys[:, :, start:end] = self.heads_view(k)
-        cache.values[:, :, start:end] = self.heads_view(v)
-        # Causal masking matters only inside the prompt (several new tokens); a single new token sees all.
-        attended = F.scaled_dot_product_attention(
-            self.heads_view(q), cache.keys[:, :, :end], cache.values[:, :, :end], is_causal=length > 1, scale=1.0
-        )
-        x = x + self.out(attended.transpose(1, 2).reshape(batch, length, width))
+        q, k, v = (self.heads_view(t) for t in self.qkv(self.attn_norm(x)).chunk(3, dim=-1))
+        attended = []
+        for j, row in enumerate(rows):
+            cache.keys[row, :, start:end] = k[j]
+            cache.values[row, :, start:end] = v[j]
+            # Causal masking matters only inside the prompt (several new tokens); one new token sees all.
+            keys, values = cache.keys[row : row + 1, :, :end], cache.values[row : row + 1, :, :end]
+            attended.append(F.scaled_dot_product_attention(q[j : j + 1], keys, values, is_causal=length > 1, scale=1.0))
+        x = x + self.out(torch.cat(attended).transpose(1, 2).reshape(active, length, width))
         q = self.heads_view(self.cross_q(self.cross_norm(x)))
-        attended = F.scaled_dot_product_attention(q, cross[0], cross[1], scale=1.0)
-        x = x + self.cross_out(attended.transpose(1, 2).reshape(batch, length, width))
+        attended = [
+            F.scaled_dot_product_attention(q[j : j + 1], cross[0][row : row + 1], cross[1][row : row + 1], scale=1.0)
+            for j, row in enumerate(rows)
+        ]
+        x = x + self.cross_out(torch.cat(attended).transpose(1, 2).reshape(active, length, width))
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
 
 
@@ -273,7 +284,7 @@ class FastDecoder(nn.Module):
         self.norm = decoder.layer_norm
         self.head = HEAD_KINDS[head_kind](decoder.embed_tokens.weight)
 
-    def cross_keys_values(self, encoded: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def cross_keys_values(self, encoded: torch.Tensor) -> list[CrossKV]:
         return [layer.cross_keys_values(encoded) for layer in self.layers]
 
     def new_cache(self, batch: int, max_length: int) -> list[LayerCache]:
@@ -282,16 +293,13 @@ class FastDecoder(nn.Module):
         return [LayerCache(torch.empty(shape), torch.empty(shape)) for _ in self.layers]
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        start: int,
-        cache: list[LayerCache],
-        cross: list[tuple[torch.Tensor, torch.Tensor]],
+        self, tokens: torch.Tensor, start: int, rows: Sequence[int], cache: list[LayerCache], cross: list[CrossKV]
     ) -> torch.Tensor:
-        """tokens: (batch, new) at positions start.. -> final hidden state of the last one, (batch, width)."""
+        """tokens: (len(rows), new) at positions start.. for the batch's utterances `rows` -> the final hidden
+        state of the last new token, (len(rows), width)."""
         x = self.embed_tokens(tokens) + self.positions[start : start + tokens.shape[1]]
         for layer, layer_cache, layer_cross in zip(self.layers, cache, cross, strict=True):
-            x = layer(x, layer_cache, start, layer_cross)
+            x = layer(x, start, rows, layer_cache, layer_cross)
         return self.norm(x[:, -1])
 
 
@@ -377,21 +385,26 @@ class FastTranscriber:
             return self._decode(encoded)
 
     def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding of the whole batch in lockstep; an utterance leaves the batch at its `eos`, so the
+        steps of the longest one cost only its own row (transformers keeps computing finished rows)."""
         rules, batch = self.rules, encoded.shape[0]
         cross = self.decoder.cross_keys_values(encoded)
         cache = self.decoder.new_cache(batch, rules.max_length)
-        tokens = torch.tensor(rules.prompt).repeat(batch, 1)
-        hidden = self.decoder(tokens, 0, cache, cross)
-        chosen, finished = [], torch.zeros(batch, dtype=torch.bool)
-        for position in range(len(rules.prompt), rules.max_length):
+        ids = torch.full((batch, rules.max_length), rules.eos)
+        ids[:, : len(rules.prompt)] = torch.tensor(rules.prompt)
+        rows = list(range(batch))
+        hidden = self.decoder(ids[:, : len(rules.prompt)], 0, rows, cache, cross)
+        position = len(rules.prompt)
+        while True:
             suppress = self._suppress_first if position == len(rules.prompt) else self._suppress
-            token = self.decoder.head(hidden, suppress).masked_fill_(finished, rules.eos)
-            chosen.append(token)
-            finished |= token == rules.eos
-            if bool(finished.all()) or position + 1 == rules.max_length:
-                break
-            hidden = self.decoder(token[:, None], position, cache, cross)
-        return torch.cat([tokens, torch.stack(chosen, dim=1)], dim=1)
+            token = self.decoder.head(hidden, suppress)
+            ids[rows, position] = token
+            going = token != rules.eos
+            position += 1
+            if not bool(going.any()) or position == rules.max_length:
+                return ids[:, :position]
+            rows = [row for row, on in zip(rows, going.tolist(), strict=True) if on]
+            hidden = self.decoder(token[going][:, None], position - 1, rows, cache, cross)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         ids = self.generate(self.features(audios))

@@ -188,14 +188,14 @@ def run_search(spec: SearchSpec, settings: Settings, out_dir: Path, force: bool 
     every = groups(bundle.model.config, "coarse")
     linears = all_linears(bundle.model)
     quantized = [fmt for fmt in spec.formats if FORMATS[fmt]]
-    cell_runs = [_cell_run(bundle.model, group, fmt) for group in searched for fmt in quantized]
+    cell_runs = {(group, fmt): _cell_run(bundle.model, group, fmt) for group in searched for fmt in quantized}
     del bundle
     search_set = preload(spec.search)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Store.for_experiment(out_dir / RESULTS_FILE, f"search-{spec.model}", spec.config(), force) as store:
         runner = Runner(store, spec.model, settings, linears)
         fp32 = runner.measure(Run("fp32", get_recipe("fp32")), search_set)
-        cells = [_cell(runner.measure(run, search_set), fp32) for run in cell_runs]
+        cells = [_cell(group, fmt, runner.measure(run, search_set), fp32) for (group, fmt), run in cell_runs.items()]
         if "fp32" in spec.formats:
             cells += [Cell(group, "fp32", 0.0, 0.0, 0) for group in searched]
         need = math.ceil(fp32.size_bytes * (1 - spec.budget))
@@ -216,9 +216,8 @@ def _cell_run(model: Any, group: Group, fmt: str) -> Run:
     return Run(recipe.name, recipe, group, frozenset(target_linears(model, entry.restricted(), lm_head=True)))
 
 
-def _cell(m: Measurement, fp32: Measurement) -> Cell:
-    fmt = m.run.label.split("@", 1)[0]
-    return Cell(m.run.group, fmt, m.wer - fp32.wer, m.cer - fp32.cer, m.fp32_size_bytes - m.size_bytes)
+def _cell(group: Group, fmt: str, m: Measurement, fp32: Measurement) -> Cell:
+    return Cell(group, fmt, m.wer - fp32.wer, m.cer - fp32.cer, m.fp32_size_bytes - m.size_bytes)
 
 
 # ---------------------------------------------------------------------------------------------- report
