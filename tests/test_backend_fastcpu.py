@@ -22,7 +22,7 @@ from whisper_ptq.metrics import corpus_rates, score_utterance
 from whisper_ptq.models import load_model
 from whisper_ptq.recipes import get_recipe
 
-EAGER_INT8 = "fast:keep=encoder-first-attention,compile=false"  # fast-cpu, not compiled
+EAGER_INT8 = "fast:keep=encoder-first-attention,compile=false,attention=sdpa"  # fast-cpu, eager
 UTTERANCES = (4, 1, 0)  # test-clean sample: 2.1 s, 3.3 s and a longer one
 
 
@@ -98,5 +98,5 @@ def test_named_recipes_and_refusals() -> None:
     assert get_recipe("fast-cpu-fp32").weights == "fp32"
     with pytest.raises(UserError, match="decoder_threads must be 0 or more"):
         get_recipe("fast:decoder_threads=-1")
-    with pytest.raises(UserError, match="keep applies to weights=int8 only"):
+    with pytest.raises(UserError, match="keep and sensitive apply to weights=int8 only"):
         get_recipe("fast:weights=fp32,keep=encoder-first-layer")

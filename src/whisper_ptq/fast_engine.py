@@ -1,22 +1,27 @@
 """A lean greedy Whisper transcriber for CPUs: int8 GEMMs with per-token scales and a hand-written decode loop.
 
-Why not `HFTranscriber`: for whisper-base on a 2-core CPU, transformers' `generate` spends most of a decoding
-step in Python (cache objects, logits processors, ~40 small ops per layer) and in the fp32 LM head (26.5M
-weights read per token). This module reuses the model's weights but runs its own forward passes:
+Why not `HFTranscriber`: transformers' `generate` spends a decoding step on Python (cache objects, logits
+processors, ~40 small ops per layer), on the fp32 LM head (26.5M weights read per token for whisper-base) and
+on rows that already finished. This module reuses the model's weights but runs its own forward passes:
 
 - linears are `Int8Linear`: int8 per-output-channel weights, int8 per-token (per-row) dynamic activations,
   `torch._int_mm` (oneDNN, AVX-512 VNNI). Integer accumulation is exact and every row has its own scale, so a
   row's result does not depend on the other rows of the batch: batched output equals batch-1 output.
+  Sensitive layers can stay `FloatLinear` (bf16 or fp32).
 - q/k/v projections are fused into one GEMM, Whisper's query scaling (1/8, a power of two) is folded into the
   q weights, the cross-attention keys/values are computed once per utterance, the self-attention KV cache is
   preallocated and written in place.
-- the LM head is `ShortlistHead`: an int8 GEMV (the fast part) picks the top candidates, which are re-scored
-  exactly in fp32 against the untouched fp32 embedding, so greedy decisions are those of an fp32 head.
-- decoding steps are tiny (one row per utterance), so they may run on fewer threads than the encoder.
+- the encoder runs one utterance per call (one input shape, so a compiled encoder never recompiles) and its
+  attention may use bf16 GEMMs (`bf16_blocked_attention`).
+- the LM head is `ShortlistHead`: an int8 GEMV picks the top candidates, which are re-scored in fp32 against
+  the untouched fp32 embedding.
+- decoding is ragged: an utterance leaves the batch at its `<|endoftext|>`; the steps are tiny, so they may
+  run on fewer threads than the encoder.
 
 The decoding rules are those of transformers' Whisper `generate` for short-form English transcription without
 timestamps: the same prompt, `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated
-position, stop at `<|endoftext|>` or at `max_length` tokens, greedy argmax.
+position, stop at `<|endoftext|>` or at `max_length` tokens, greedy argmax. With fp32 linears and head the
+output equals transformers' token for token (tests/test_backend_fastcpu.py).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class Int8Linear(nn.Module):
         # one-row GEMMs of decoding than with a materialized (K, N) copy, and as fast for the encoder's.
         self.register_buffer("weight", qweight.contiguous())
         self.register_buffer("weight_scale", scale.view(1, -1))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @property
     def out_features(self) -> int:
@@ -73,22 +78,27 @@ class Int8Linear(nn.Module):
 
 
 class FloatLinear(nn.Module):
-    """A plain fp32 linear over (possibly fused) weights: the higher-precision choice for sensitive layers."""
+    """A plain linear in fp32 or bf16 (oneDNN, AVX-512 BF16) over (possibly fused) weights: the higher
+    precision for sensitive layers. Input and output stay fp32."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("weight", weight.detach().float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
 
 
-LINEAR_KINDS = {"int8": Int8Linear, "fp32": FloatLinear}
+LINEAR_KINDS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] = {
+    "int8": Int8Linear,
+    "bf16": lambda weight, bias: FloatLinear(weight, bias, torch.bfloat16),
+    "fp32": FloatLinear,
+}
 
 
 def fused_linear(parts: Sequence[nn.Linear], kind: str, scales: Sequence[float] = ()) -> nn.Module:
@@ -113,7 +123,7 @@ def fused_linear(parts: Sequence[nn.Linear], kind: str, scales: Sequence[float] 
 # ----------------------------------------------------------------------------------------------- encoder
 
 
-# Chooses the linear kind ("int8" / "fp32") of a fused linear from the transformers names of its parts.
+# Chooses the kind (a key of LINEAR_KINDS) of a fused linear from the transformers names of its parts.
 KindOf = Callable[[Sequence[str]], str]
 
 
@@ -132,10 +142,37 @@ def convert_layers(layers: nn.ModuleList, convert: Callable[[nn.Module, int], nn
     return nn.ModuleList(converted)
 
 
+ATTENTION_BLOCK = 512  # queries per block of bf16_blocked_attention: 8 heads x 512 x 1500 scores, 12 MB bf16
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused fp32 attention (q pre-scaled); ATen's CPU flash kernel."""
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def bf16_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention with bf16 GEMMs (oneDNN, AVX-512 BF16) over blocks of `ATTENTION_BLOCK` queries, softmax in
+    fp32. Why: ATen's CPU flash kernel has no fast bf16 path without AMX (bf16 is no faster than fp32 there),
+    while a plain bf16 GEMM runs about twice the fp32 rate; blocking keeps each block's scores in cache and,
+    compiled, inductor fuses the softmax with its casts. Output error about 0.3% of fp32 attention's."""
+    batch, heads, frames, width = q.shape
+    q, k, v = (t.reshape(batch * heads, frames, width).to(torch.bfloat16) for t in (q, k, v))
+    keys = k.transpose(1, 2)
+    blocks = [
+        torch.bmm(torch.softmax(torch.bmm(q[:, start : start + ATTENTION_BLOCK], keys).float(), -1).bfloat16(), v)
+        for start in range(0, frames, ATTENTION_BLOCK)
+    ]
+    return torch.cat(blocks, dim=1).view(batch, heads, frames, width).float()
+
+
+ENCODER_ATTENTION = {"sdpa": sdpa_attention, "bf16": bf16_blocked_attention}
+
+
 class FastEncoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module, prefix: str, kind_of: KindOf):
+    def __init__(self, layer: nn.Module, prefix: str, kind_of: KindOf, attention: str):
         super().__init__()
         self.heads = layer.self_attn.num_heads
+        self.attention = ENCODER_ATTENTION[attention]
         self.attn_norm, self.ffn_norm = layer.self_attn_layer_norm, layer.final_layer_norm
         qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
         self.qkv = fused(layer, prefix, qkv, kind_of, (layer.self_attn.scaling, 1.0, 1.0))
@@ -145,7 +182,7 @@ class FastEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, frames, width = x.shape
         qkv = self.qkv(self.attn_norm(x)).view(batch, frames, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=1.0)
+        attended = self.attention(qkv[0], qkv[1], qkv[2])
         x = x + self.out(attended.transpose(1, 2).reshape(batch, frames, width))
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
 
@@ -153,18 +190,21 @@ class FastEncoderLayer(nn.Module):
 class FastEncoder(nn.Module):
     """Whisper's encoder (conv stem, sinusoidal positions, pre-norm layers) over the HF module's weights."""
 
-    def __init__(self, encoder: nn.Module, prefix: str, kind_of: KindOf):
+    def __init__(
+        self, encoder: nn.Module, prefix: str, kind_of: KindOf, attention: str, stem: torch.dtype = torch.float32
+    ):
         super().__init__()
-        self.conv1, self.conv2 = encoder.conv1, encoder.conv2
+        # The conv stem is converted in place (the model is consumed anyway, see FastTranscriber).
+        self.conv1, self.conv2 = encoder.conv1.to(stem), encoder.conv2.to(stem)
         self.register_buffer("positions", encoder.embed_positions.weight.detach())
         self.layers = convert_layers(
-            encoder.layers, lambda layer, i: FastEncoderLayer(layer, f"{prefix}.layers.{i}", kind_of)
+            encoder.layers, lambda layer, i: FastEncoderLayer(layer, f"{prefix}.layers.{i}", kind_of, attention)
         )
         self.norm = encoder.layer_norm
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.conv2(F.gelu(self.conv1(features)))).transpose(1, 2)
-        x = x + self.positions
+        x = F.gelu(self.conv2(F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))))
+        x = x.transpose(1, 2).float() + self.positions
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -348,15 +388,25 @@ class FastTranscriber:
     """`Transcriber` over `FastEncoder` + `FastDecoder`; see the module docstring for what makes it fast.
 
     The transformers model is consumed: its encoder and decoder layers are emptied as they are converted.
-    `kind_of` picks each fused linear's kind from its transformers module names, `head_kind` the LM head's;
-    `encoder` replaces the eager encoder (e.g. by its `torch.compile`d version); `decoder_threads` is the
-    intra-op thread count of the decoding loop (None: the process's).
+    `kind_of` picks each fused linear's kind from its transformers module names, `head_kind` the LM head's,
+    `attention` the encoder's attention (`ENCODER_ATTENTION`), `stem` the dtype of the encoder's conv stem;
+    `encoder` may be replaced by a compiled version; `decoder_threads` is the intra-op thread count of the
+    decoding loop (None: the process's).
     """
 
-    def __init__(self, model: Any, processor: Any, kind_of: KindOf, head_kind: str, decoder_threads: int | None):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        kind_of: KindOf,
+        head_kind: str,
+        attention: str = "sdpa",
+        stem: torch.dtype = torch.float32,
+        decoder_threads: int | None = None,
+    ):
         self.processor = processor
         self.encoder: Callable[[torch.Tensor], torch.Tensor] = FastEncoder(
-            model.model.encoder, "model.encoder", kind_of
+            model.model.encoder, "model.encoder", kind_of, attention, stem
         ).eval()
         self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind).eval()
         self.rules = DecodingRules.from_model(model, processor.tokenizer)
@@ -365,6 +415,7 @@ class FastTranscriber:
         self._suppress_first = torch.tensor(sorted({*self.rules.suppress, *self.rules.begin_suppress}))
 
     def modules(self) -> Iterator[nn.Module]:
+        """Every module of the (uncompiled) encoder and the decoder."""
         yield from (m for part in (self.encoder, self.decoder) if isinstance(part, nn.Module) for m in part.modules())
 
     def features(self, audios: list[np.ndarray]) -> torch.Tensor:

@@ -199,6 +199,7 @@ def run_search(spec: SearchSpec, settings: Settings, out_dir: Path, force: bool 
         if "fp32" in spec.formats:
             cells += [Cell(group, "fp32", 0.0, 0.0, 0) for group in searched]
         need = math.ceil(fp32.size_bytes * (1 - spec.budget))
+        # choose() keeps the first of equally good cells: ties go to the format listed first (fp32, int8, ...)
         chosen = choose(sorted(cells, key=lambda c: spec.formats.index(c.format)), need)
         name = f"mix-{spec.model}-b{spec.budget:g}"
         recipe = mix_recipe(name, chosen)

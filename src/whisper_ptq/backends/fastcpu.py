@@ -17,10 +17,18 @@ from torch import nn
 
 from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
 from whisper_ptq.errors import UserError
-from whisper_ptq.fast_engine import SHORTLIST, FastTranscriber, FloatLinear, Int8Linear
+from whisper_ptq.fast_engine import (
+    ATTENTION_BLOCK,
+    ENCODER_ATTENTION,
+    SHORTLIST,
+    FastTranscriber,
+    FloatLinear,
+    Int8Linear,
+)
 from whisper_ptq.recipes import OptionValue, Recipe
 
 KINDS = ("int8", "fp32")
+SENSITIVE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # What `keep` names, as regexes over transformers module names (Recipe.keep). The first encoder layer's
 # attention input has outlier channels (LayerNorm output of the conv stem): the one place where per-token int8
 # costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for any other layer).
@@ -30,11 +38,19 @@ KEEP_CHOICES = {
     "encoder-first-layer": (r"^model\.encoder\.layers\.0\.",),
 }
 
+ATTENTION_INFO = {
+    "sdpa": "encoder: fp32 SDPA (ATen CPU flash kernel); decoder: fp32 SDPA",
+    "bf16": f"encoder: bf16 GEMMs over blocks of {ATTENTION_BLOCK} queries, fp32 softmax; decoder: fp32 SDPA",
+}
+
 
 def kind_chooser(recipe: Recipe) -> Any:
-    """Int8 for a fused linear only when the recipe selects every part of it (`keep` wins), else fp32."""
-    int8 = recipe.weights == "int8"
-    return lambda names: "int8" if int8 and all(recipe.selects(name) for name in names) else "fp32"
+    """Int8 for a fused linear only when the recipe selects every part of it (`keep` wins), else the
+    recipe's `sensitive` precision (fp32 throughout for weights=fp32)."""
+    if recipe.weights == "fp32":
+        return lambda names: "fp32"
+    precise = str(recipe.option("sensitive"))
+    return lambda names: "int8" if all(recipe.selects(name) for name in names) else precise
 
 
 def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> float:
@@ -73,15 +89,19 @@ class FastCPUBackend(Backend):
     params = {
         "weights": Param(str, "int8", KINDS, "linear weights: int8 (per-token int8 activations) or fp32"),
         "head": Param(str, "int8", KINDS, f"LM head: int8 shortlist of {SHORTLIST} re-scored in fp32, or fp32"),
-        "keep": Param(str, None, tuple(KEEP_CHOICES), "linears kept fp32 (the sensitive first encoder layer)"),
+        "keep": Param(str, None, tuple(KEEP_CHOICES), "linears not quantized (the sensitive first encoder layer)"),
+        "sensitive": Param(str, "fp32", tuple(SENSITIVE), "precision of the kept linears and the conv stem"),
+        "attention": Param(
+            str, "bf16", tuple(ENCODER_ATTENTION), "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"
+        ),
         "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
         "decoder_threads": Param(int, 1, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
     }
     named = {
         "fast-cpu": (
-            "fast engine: int8 per-token linears (first encoder attention fp32), int8+fp32 LM head, compiled "
-            "encoder, 1-thread decoding loop",
-            {"keep": "encoder-first-attention"},
+            "fast engine: int8 per-token linears (first encoder attention and conv stem bf16), bf16 blocked "
+            "encoder attention, int8+fp32 LM head, compiled encoder, 1-thread decoding loop",
+            {"keep": "encoder-first-attention", "sensitive": "bf16"},
         ),
         "fast-cpu-int8": (
             "fast engine with every linear int8 (no layer kept fp32)",
@@ -89,7 +109,7 @@ class FastCPUBackend(Backend):
         ),
         "fast-cpu-fp32": (
             "fast engine, nothing quantized: the engine's own speed-up over transformers generate",
-            {"weights": "fp32", "head": "fp32", "compile": "false"},
+            {"weights": "fp32", "head": "fp32", "attention": "sdpa", "compile": "false"},
         ),
     }
 
@@ -98,8 +118,8 @@ class FastCPUBackend(Backend):
         threads = int(values["decoder_threads"])  # type: ignore[arg-type]
         if threads < 0:
             raise UserError(f"recipe {name!r}: decoder_threads must be 0 or more, got {threads}")
-        if keep and weights == "fp32":
-            raise UserError(f"recipe {name!r}: keep applies to weights=int8 only")
+        if weights == "fp32" and (keep or values["sensitive"] != "fp32"):
+            raise UserError(f"recipe {name!r}: keep and sensitive apply to weights=int8 only")
         return Recipe(
             name=name,
             library=self.library,
@@ -110,10 +130,12 @@ class FastCPUBackend(Backend):
             keep=KEEP_CHOICES[keep],
             devices=("cpu",),
             options=(
+                ("attention", str(values["attention"])),
                 ("compile", bool(values["compile"])),
                 ("decoder_threads", threads),
                 ("head", head),
                 ("keep", keep),
+                ("sensitive", str(values["sensitive"])),
             ),
             description=description or f"fast engine, {weights} linears, {head} head",
         )
@@ -122,15 +144,25 @@ class FastCPUBackend(Backend):
         model = bundle.model.eval()
         threads = int(recipe.option("decoder_threads"))  # type: ignore[arg-type]
         head = str(recipe.option("head"))
-        transcriber = FastTranscriber(model, bundle.processor, kind_chooser(recipe), head, threads or None)
+        attention, stem = str(recipe.option("attention")), SENSITIVE[str(recipe.option("sensitive"))]
+        transcriber = FastTranscriber(
+            model,
+            bundle.processor,
+            kind_chooser(recipe),
+            head,
+            attention=attention,
+            stem=stem,
+            decoder_threads=threads or None,
+        )
         info: dict[str, Any] = {
             "engine": "whisper_ptq.fast_engine.FastTranscriber (greedy loop, preallocated KV cache)",
             "linears": "fused q/k/v; int8: per-channel symmetric weights, per-token symmetric activations, "
             "torch._int_mm",
             **linear_facts(list(transcriber.modules())),
-            "kept_fp32": list(recipe.keep),
+            "kept": list(recipe.keep),
+            "kept_and_stem_dtype": str(recipe.option("sensitive")),
             "lm_head": f"int8 weight-only shortlist of {SHORTLIST}, re-scored in fp32" if head == "int8" else "fp32",
-            "attention": "torch SDPA (flash, fp32)",
+            "attention": ATTENTION_INFO[attention],
             "encoder_batching": "one utterance per encoder call",
             "decoder_threads": threads or torch.get_num_threads(),
             "compiled": bool(recipe.option("compile")),
