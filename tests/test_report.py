@@ -184,7 +184,8 @@ def test_guidance_picks_expected_recipes(written: tuple[Path, dict[str, Any]]) -
     assert g["most_robust"]["recipe"] == "quanto-int8"
     assert [a["recipe"] for a in g["avoid"]] == ["quanto-int8-static"]
     assert (
-        "Fastest within tolerance: **pytorch-int8**, RTF 0.080 vs fp32 0.120 (1.50x)" in (out / "report.md").read_text()
+        "Fastest quantized recipe within tolerance: **pytorch-int8**, RTF 0.080 vs fp32 0.120 (1.50x)"
+        in (out / "report.md").read_text()
     )
 
 

@@ -101,18 +101,16 @@ def test_recipe_file_round_trip(mixed, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known bug (issue 6, open): the saved 3-bit mix of tiny.en is 76.5 MB, just over half of fp32, so the "
-    "re-tied embedding/head appears to be stored twice",
-    strict=False,
-)
 def test_saved_mix_reloads_to_the_same_transcript(with_head, audio, model_cache: Path, tmp_path: Path) -> None:
     recipe, quantized = with_head
     backend = backend_for(recipe)
     backend.save(quantized, tmp_path)
     fp32 = load_model("tiny.en", model_cache).model
     fp32_bytes = sum(p.numel() * 4 for p in fp32.parameters())  # tied: the embedding once
-    assert directory_bytes(tmp_path) < 0.5 * fp32_bytes  # the 3-bit head is the embedding too
+    table_bytes = fp32.get_input_embeddings().weight.numel() * 4  # half of tiny.en
+    # Most layers stay fp32, so the saved mix is about fp32 less the table plus its 3-bit copy (~51% of fp32);
+    # the table stored twice (fp32 embedding beside the quantized head) would be above fp32.
+    assert directory_bytes(tmp_path) < fp32_bytes - 0.5 * table_bytes
     reloaded = backend.load(load_model("tiny.en", model_cache), recipe, tmp_path, BuildContext())
     assert isinstance(reloaded.model.get_input_embeddings(), HeadTiedEmbedding)
     assert reloaded.transcriber.transcribe(audio) == quantized.transcriber.transcribe(audio)

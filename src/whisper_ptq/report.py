@@ -365,8 +365,9 @@ def guidance_sentences(g: dict[str, Any], layout: Layout) -> list[str]:
     if g["fastest"]:
         f = g["fastest"]
         lines.append(
-            f"Fastest within tolerance: **{f['recipe']}**, RTF {f['rtf']:.3f} vs fp32 {fp32['rtf']:.3f} "
-            f"({f['speedup']:.2f}x), WER {ref} {f['wer']:.2f} ({f['wer_vs_fp32']:+.2f} vs fp32)."
+            f"Fastest quantized recipe within tolerance: **{f['recipe']}**, RTF {f['rtf']:.3f} vs fp32 "
+            f"{fp32['rtf']:.3f} ({f['speedup']:.2f}x), WER {ref} {f['wer']:.2f} ({f['wer_vs_fp32']:+.2f} vs fp32)."
+            + (" It is slower than fp32: none within tolerance speeds inference up here." if f["speedup"] < 1 else "")
         )
     if g["smallest"]:
         s = g["smallest"]
