@@ -15,8 +15,8 @@ on rows that already finished. This module reuses the model's weights but runs i
   attention may use bf16 GEMMs (`bf16_blocked_attention`).
 - the LM head is `ShortlistHead`: an int8 GEMV picks the top candidates, which are re-scored in fp32 against
   the untouched fp32 embedding.
-- decoding is ragged: an utterance leaves the batch at its `<|endoftext|>`; the steps are tiny, so they may
-  run on fewer threads than the encoder.
+- decoding is ragged: an utterance leaves the batch at its `<|endoftext|>` and its cache rows are dropped;
+  a step's cross-attention is two plain GEMMs (`cross_attention`), cheaper than the flash kernel for one query.
 
 The decoding rules are those of transformers' Whisper `generate` for short-form English transcription without
 timestamps: the same prompt, `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated
@@ -213,7 +213,8 @@ class FastEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- decoder
 
 
-CrossKV = tuple[torch.Tensor, torch.Tensor]  # cross-attention keys, values: (batch, heads, frames, head_dim)
+# Cross-attention keys, transposed, and values: (batch, heads, head_dim, frames), (batch, heads, frames, head_dim).
+CrossKV = tuple[torch.Tensor, torch.Tensor]
 
 
 class FastDecoderLayer(nn.Module):
@@ -239,38 +240,41 @@ class FastDecoderLayer(nn.Module):
 
     def cross_keys_values(self, encoded: torch.Tensor) -> CrossKV:
         keys, values = self.cross_kv(encoded).chunk(2, dim=-1)
-        return self.heads_view(keys).contiguous(), self.heads_view(values).contiguous()
+        return self.heads_view(keys).transpose(2, 3).contiguous(), self.heads_view(values).contiguous()
 
-    def forward(
-        self, x: torch.Tensor, start: int, rows: Sequence[int], cache: LayerCache, cross: CrossKV
-    ) -> torch.Tensor:
-        """x: (len(rows), new tokens, width) at positions start.. for the utterances `rows` of the batch;
-        writes their keys/values into `cache`. Attention runs row by row on views of the batch's cache and
-        cross keys/values, so finished utterances cost nothing and nothing is gathered or copied."""
+    def forward(self, x: torch.Tensor, start: int, cache: LayerCache, cross: CrossKV) -> torch.Tensor:
+        """x: (active rows, new tokens, width) at positions start..; writes their keys/values into `cache`,
+        whose rows are those of x (the decoding loop drops finished rows from both)."""
         active, length, width = x.shape
         end = start + length
         q, k, v = (self.heads_view(t) for t in self.qkv(self.attn_norm(x)).chunk(3, dim=-1))
-        attended = []
-        for j, row in enumerate(rows):
-            cache.keys[row, :, start:end] = k[j]
-            cache.values[row, :, start:end] = v[j]
-            # Causal masking matters only inside the prompt (several new tokens); one new token sees all.
-            keys, values = cache.keys[row : row + 1, :, :end], cache.values[row : row + 1, :, :end]
-            attended.append(F.scaled_dot_product_attention(q[j : j + 1], keys, values, is_causal=length > 1, scale=1.0))
-        x = x + self.out(torch.cat(attended).transpose(1, 2).reshape(active, length, width))
+        cache.keys[:, :, start:end] = k
+        cache.values[:, :, start:end] = v
+        # Causal masking matters only inside the prompt (several new tokens); one new token sees all.
+        keys, values = cache.keys[:, :, :end], cache.values[:, :, :end]
+        attended = F.scaled_dot_product_attention(q, keys, values, is_causal=length > 1, scale=1.0)
+        x = x + self.out(attended.transpose(1, 2).reshape(active, length, width))
         q = self.heads_view(self.cross_q(self.cross_norm(x)))
-        attended = [
-            F.scaled_dot_product_attention(q[j : j + 1], cross[0][row : row + 1], cross[1][row : row + 1], scale=1.0)
-            for j, row in enumerate(rows)
-        ]
-        x = x + self.cross_out(torch.cat(attended).transpose(1, 2).reshape(active, length, width))
+        attended = cross_attention(q, *cross)
+        x = x + self.cross_out(attended.transpose(1, 2).reshape(active, length, width))
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
+
+
+def cross_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of a decoding step's few queries (pre-scaled) over the 1500 encoder frames: two batched GEMMs
+    and a softmax, ~40% faster here than ATen's CPU flash kernel, whose blocking does not pay for one query
+    (measured for 8 heads x 1 x 1500: 0.14 vs 0.24 ms, with the keys stored transposed; over the ~30 keys of
+    self-attention flash wins)."""
+    return torch.softmax(q @ keys_t, dim=-1) @ values
 
 
 @dataclass
 class LayerCache:
-    keys: torch.Tensor  # (batch, heads, max_length, head_dim)
+    keys: torch.Tensor  # (active rows, heads, max_length, head_dim)
     values: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> LayerCache:
+        return LayerCache(self.keys[rows], self.values[rows])
 
 
 class ShortlistHead(nn.Module):
@@ -332,14 +336,12 @@ class FastDecoder(nn.Module):
         shape = (batch, heads, max_length, width // heads)
         return [LayerCache(torch.empty(shape), torch.empty(shape)) for _ in self.layers]
 
-    def forward(
-        self, tokens: torch.Tensor, start: int, rows: Sequence[int], cache: list[LayerCache], cross: list[CrossKV]
-    ) -> torch.Tensor:
-        """tokens: (len(rows), new) at positions start.. for the batch's utterances `rows` -> the final hidden
-        state of the last new token, (len(rows), width)."""
+    def forward(self, tokens: torch.Tensor, start: int, cache: list[LayerCache], cross: list[CrossKV]) -> torch.Tensor:
+        """tokens: (active rows, new) at positions start.. -> the final hidden state of the last new token,
+        (active rows, width)."""
         x = self.embed_tokens(tokens) + self.positions[start : start + tokens.shape[1]]
         for layer, layer_cache, layer_cross in zip(self.layers, cache, cross, strict=True):
-            x = layer(x, start, rows, layer_cache, layer_cross)
+            x = layer(x, start, layer_cache, layer_cross)
         return self.norm(x[:, -1])
 
 
@@ -436,15 +438,16 @@ class FastTranscriber:
             return self._decode(encoded)
 
     def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
-        """Greedy decoding of the whole batch in lockstep; an utterance leaves the batch at its `eos`, so the
-        steps of the longest one cost only its own row (transformers keeps computing finished rows)."""
+        """Greedy decoding of the whole batch in lockstep; an utterance leaves the batch at its `eos` (its rows
+        of the caches are dropped, once), so the steps of the longest one cost only its own row, where
+        transformers keeps computing finished rows."""
         rules, batch = self.rules, encoded.shape[0]
         cross = self.decoder.cross_keys_values(encoded)
         cache = self.decoder.new_cache(batch, rules.max_length)
         ids = torch.full((batch, rules.max_length), rules.eos)
         ids[:, : len(rules.prompt)] = torch.tensor(rules.prompt)
-        rows = list(range(batch))
-        hidden = self.decoder(ids[:, : len(rules.prompt)], 0, rows, cache, cross)
+        rows = torch.arange(batch)  # the batch row of each active row
+        hidden = self.decoder(ids[:, : len(rules.prompt)], 0, cache, cross)
         position = len(rules.prompt)
         while True:
             suppress = self._suppress_first if position == len(rules.prompt) else self._suppress
@@ -454,8 +457,11 @@ class FastTranscriber:
             position += 1
             if not bool(going.any()) or position == rules.max_length:
                 return ids[:, :position]
-            rows = [row for row, on in zip(rows, going.tolist(), strict=True) if on]
-            hidden = self.decoder(token[going][:, None], position - 1, rows, cache, cross)
+            if not bool(going.all()):
+                rows, token = rows[going], token[going]
+                cache = [layer_cache.select(going) for layer_cache in cache]
+                cross = [(keys[going], values[going]) for keys, values in cross]
+            hidden = self.decoder(token[:, None], position - 1, cache, cross)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         ids = self.generate(self.features(audios))

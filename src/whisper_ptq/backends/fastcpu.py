@@ -95,12 +95,12 @@ class FastCPUBackend(Backend):
             str, "bf16", tuple(ENCODER_ATTENTION), "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"
         ),
         "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
-        "decoder_threads": Param(int, 1, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
+        "decoder_threads": Param(int, 0, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
     }
     named = {
         "fast-cpu": (
             "fast engine: int8 per-token linears (first encoder attention and conv stem bf16), bf16 blocked "
-            "encoder attention, int8+fp32 LM head, compiled encoder, 1-thread decoding loop",
+            "encoder attention, int8+fp32 LM head, compiled encoder",
             {"keep": "encoder-first-attention", "sensitive": "bf16"},
         ),
         "fast-cpu-int8": (
