@@ -21,7 +21,7 @@ from whisper_ptq.errors import UserError
 from whisper_ptq.evaluate import Settings
 from whisper_ptq.models import load_model
 from whisper_ptq.recipes import get_recipe, save_recipe_file
-from whisper_ptq.search import Cell, SearchSpec, choose, parse_formats, run_search
+from whisper_ptq.search import Cell, SearchSpec, choose, parse_formats, run_search, write_search_report
 from whisper_ptq.sensitivity import Group
 
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
@@ -167,6 +167,20 @@ def test_choose_takes_the_least_wer_that_saves_enough() -> None:
         choose(table, 126)
 
 
+def test_choose_takes_no_precision_away_for_a_measured_improvement() -> None:
+    """A negative cell is noise: int4's "-0.5" must not beat int8's 0.0 when int8 saves enough, and among
+    equally good plans the one that saves the least (keeps the most precision) wins."""
+    table = cells(
+        {
+            "a": [("fp32", 0.0, 0), ("int8", 0.0, 50), ("int4", -0.5, 80)],
+            "b": [("fp32", 0.0, 0), ("int8", 0.0, 30), ("int4", -0.4, 45)],
+        }
+    )
+    assert [c.format for c in choose(table, 60)] == ["int8", "int8"]
+    assert [c.format for c in choose(table, 30)] == ["fp32", "int8"]  # 30 saved, not a's 50
+    assert [c.format for c in choose(table, 100)] == ["int4", "int8"]  # int4 only where the budget needs it
+
+
 def test_choose_matches_brute_force_and_never_undershoots() -> None:
     rng = random.Random(0)
     for _ in range(30):
@@ -243,3 +257,7 @@ def test_search_meets_the_budget_on_measured_sizes(shared_data: Path, model_cach
     assert {c.group.name for c in result.chosen} == {c.group.name for c in result.cells}
     labels = [m.run.label for m in result.tests]
     assert labels == ["fp32", result.recipe.name, "uniform-int4"]
+    report = write_search_report(result, tmp_path).read_text()
+    uniform = result.tests[2]
+    # the verdict pairs the mix with the rival utterance by utterance
+    assert (uniform.size_bytes <= result.tests[1].size_bytes) == ("p = " in report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,21 @@ def test_reopened_database_keeps_experiment_and_tasks(db):
         store.set_status(task, "failed", "boom")
         [result] = store.results()
     assert (result["status"], result["error"], result["summary"]) == ("failed", "boom", {})
+
+
+def test_a_recipe_redefined_under_its_name_never_reuses_the_old_rows(db):
+    """Same name, other definition (a search's mix chosen again, an edited recipe file): its stored rows
+    belong to another recipe. Refused; or, where asked, the old task is dropped with its rows."""
+    redefined = replace(FP32, description="another recipe under the same name")
+    with Store.create(db, "t", CONFIG) as store:
+        old = store.ensure_task(0, "tiny.en", FP32, "d")
+        store.add_rows(old, [row("u1")])
+        with pytest.raises(UserError, match="another recipe named 'fp32'.*--force"):
+            store.ensure_task(0, "tiny.en", redefined, "d")
+        new = store.ensure_task(0, "tiny.en", redefined, "d", replace_changed=True)
+        assert store.rows(new) == [] and store.done_ids(new) == set()
+        [result] = store.results()
+    assert result["recipe_spec"] == redefined.to_dict() and result["utterances"] == []
 
 
 def test_a_different_experiment_is_refused_unless_forced(db):

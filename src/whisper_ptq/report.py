@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
 from whisper_ptq.evaluate import UtteranceResult, summarize
-from whisper_ptq.stats import Interval, PairedTest, bootstrap_rate_ci, paired_test
+from whisper_ptq.stats import Interval, PairedTest, bootstrap_rate_ci, paired_rows_test
 
 DEFAULT_TOLERANCE = 1.0  # WER points above fp32 on the reference dataset that still count as "within tolerance"
 ALPHA = 0.05
@@ -235,14 +235,8 @@ def compare(system: System, baseline: System, dataset: str) -> Comparison | None
     mine, ref = system.measures.get(dataset), baseline.measures.get(dataset)
     if not (mine and ref and mine.rows and ref.rows and mine.status == ref.status == "done"):
         return None
-    ref_rows = {r.id: r for r in ref.rows}
-    pairs = [(ref_rows[r.id], r) for r in mine.rows if r.id in ref_rows]
-    if not pairs:
-        return None
-    test = paired_test(
-        [a.word_errors for a, _ in pairs], [b.word_errors for _, b in pairs], [a.ref_words for a, _ in pairs]
-    )
-    return Comparison(system, dataset, test)
+    test = paired_rows_test(ref.rows, mine.rows)
+    return None if test is None else Comparison(system, dataset, test)
 
 
 def all_comparisons(systems: Sequence[System], datasets: Sequence[str]) -> list[Comparison]:

@@ -20,7 +20,7 @@ import hashlib
 import io
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from whisper_ptq.backends.base import target_linears
 from whisper_ptq.backends.mixed import all_linears, quantized_linears
 from whisper_ptq.data import Dataset, Utterance
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Session, Settings, environment, summarize
+from whisper_ptq.evaluate import Session, Settings, UtteranceResult, environment, summarize
 from whisper_ptq.executors.worker import one_line
 from whisper_ptq.models import load_model
 from whisper_ptq.recipes import Recipe, get_recipe
@@ -168,6 +168,7 @@ class Measurement:
     size_bytes: int
     fp32_size_bytes: int
     quantized_modules: int | None  # of the run's expected modules, how many the library quantized
+    rows: tuple[UtteranceResult, ...] = field(default=(), compare=False, repr=False)  # for paired tests
 
     @property
     def size_fraction(self) -> float:
@@ -184,10 +185,10 @@ class Runner:
         self.position = 0
         self.encoder_outputs = EncoderOutputs()
 
-    def measure(self, run: Run, dataset: Dataset) -> Measurement:
+    def measure(self, run: Run, dataset: Dataset, replace_changed: bool = False) -> Measurement:
         """The run's figures over exactly `dataset`'s utterances (the task may hold more, from a run with a
-        larger limit into the same database)."""
-        task_id = self.store.ensure_task(self.position, self.model, run.recipe, dataset.spec)
+        larger limit into the same database). `replace_changed`: see `Store.ensure_task`."""
+        task_id = self.store.ensure_task(self.position, self.model, run.recipe, dataset.spec, replace_changed)
         self.position += 1
         ids = {u.id for u in dataset.utterances}
         stored = self.store.done_ids(task_id)
@@ -205,6 +206,7 @@ class Runner:
             info["size_bytes"],
             info["fp32_size_bytes"],
             info.get(QUANTIZED_KEY),
+            tuple(rows),
         )
 
     def _evaluate(self, run: Run, dataset: Dataset, task_id: int, stored: set[str]) -> None:

@@ -6,7 +6,9 @@ words of one utterance is respected. Rates are ratios of sums (corpus WER), reco
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,3 +89,15 @@ def paired_test(
     alpha = (1.0 - level) / 2.0
     low, high = np.nanquantile(boot, [alpha, 1.0 - alpha])
     return PairedTest(float(observed), float(p_value), float(low), float(high), len(diff), len(changed))
+
+
+def paired_rows_test(reference: Iterable[Any], other: Iterable[Any]) -> PairedTest | None:
+    """`paired_test` of `other` against `reference` over the utterances both scored, matched by id (rows with
+    `id`, `word_errors`, `ref_words`, as `UtteranceResult`); None when they share none."""
+    by_id = {row.id: row for row in reference}
+    pairs = [(by_id[row.id], row) for row in other if row.id in by_id]
+    if not pairs:
+        return None
+    return paired_test(
+        [a.word_errors for a, _ in pairs], [b.word_errors for _, b in pairs], [a.ref_words for a, _ in pairs]
+    )

@@ -168,16 +168,34 @@ class Store:
             )
         return cursor.lastrowid
 
-    def ensure_task(self, position: int, model: str, recipe: Recipe, dataset: str) -> int:
-        """The id of the (model, recipe, dataset) task, added as pending on first sight."""
+    def ensure_task(
+        self, position: int, model: str, recipe: Recipe, dataset: str, replace_changed: bool = False
+    ) -> int:
+        """The id of the (model, recipe, dataset) task, added as pending on first sight. A stored task whose
+        recipe of this name was defined otherwise holds another recipe's results: refused, or with
+        `replace_changed` dropped with its rows (a search's mix, chosen again on more data)."""
+        spec = json.dumps(recipe.to_dict())
+        key = (model, recipe.name, dataset)
         with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO tasks (position, model, recipe, recipe_spec, dataset) VALUES (?, ?, ?, ?, ?)",
-                (position, model, recipe.name, json.dumps(recipe.to_dict()), dataset),
+            found = self._db.execute(
+                "SELECT id, recipe_spec FROM tasks WHERE model = ? AND recipe = ? AND dataset = ?", key
+            ).fetchone()
+            if found and found[1] != spec:
+                if not replace_changed:
+                    raise UserError(
+                        f"{self.path} holds results of another recipe named {recipe.name!r} (on {dataset}); "
+                        "use --force to discard them, or choose another --out"
+                    )
+                self._db.execute("DELETE FROM utterances WHERE task_id = ?", (found[0],))
+                self._db.execute("DELETE FROM tasks WHERE id = ?", (found[0],))
+                found = None
+            if found:
+                return found[0]
+            cursor = self._db.execute(
+                "INSERT INTO tasks (position, model, recipe, recipe_spec, dataset) VALUES (?, ?, ?, ?, ?)",
+                (position, *key[:2], spec, dataset),
             )
-        return self._db.execute(
-            "SELECT id FROM tasks WHERE model = ? AND recipe = ? AND dataset = ?", (model, recipe.name, dataset)
-        ).fetchone()[0]
+        return cursor.lastrowid
 
     def add_rows(self, task_id: int, rows: Iterable[UtteranceResult], environment_id: int | None = None) -> None:
         """One transaction per batch; a row already stored (a batch delivered twice) is kept as it was."""
