@@ -17,7 +17,7 @@ from whisper_ptq.data import open_dataset
 from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.evaluate import Session, Settings
-from whisper_ptq.fast_engine import Int8Linear, quantize_rows
+from whisper_ptq.fast_engine import Int8Linear, keep_rows, quantize_rows
 from whisper_ptq.metrics import corpus_rates, score_utterance
 from whisper_ptq.models import load_model
 from whisper_ptq.recipes import get_recipe
@@ -64,6 +64,14 @@ def test_int8_linear_matches_float_linear_closely() -> None:
 def test_quantize_rows_keeps_zero_rows_finite() -> None:
     values, scales = quantize_rows(torch.zeros(2, 8))
     assert torch.equal(values, torch.zeros(2, 8, dtype=torch.int8)) and torch.isfinite(scales).all()
+
+
+def test_keep_rows_moves_the_kept_rows_forward_in_place() -> None:
+    cache = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)
+    expected = cache[[1, 2, 4]].clone()
+    [kept] = keep_rows([cache], [1, 2, 4])
+    assert torch.equal(kept, expected)
+    assert kept.data_ptr() == cache.data_ptr()  # a view of the same storage, nothing allocated
 
 
 def test_fp32_engine_transcribes_exactly_like_transformers(model_cache: Path, utterances, fp32_texts) -> None:
