@@ -257,7 +257,9 @@ def test_search_meets_the_budget_on_measured_sizes(shared_data: Path, model_cach
     assert {c.group.name for c in result.chosen} == {c.group.name for c in result.cells}
     labels = [m.run.label for m in result.tests]
     assert labels == ["fp32", result.recipe.name, "uniform-int4"]
-    report = write_search_report(result, tmp_path).read_text()
+    written = write_search_report(result, tmp_path)
+    assert written.name == "search-tiny.en-b0.45.md" and written.with_suffix(".csv").is_file()
+    report = written.read_text()
     uniform = result.tests[2]
     # the verdict pairs the mix with the rival utterance by utterance
     assert (uniform.size_bytes <= result.tests[1].size_bytes) == ("p = " in report)

@@ -241,10 +241,12 @@ def _cell(group: Group, fmt: str, m: Measurement, fp32: Measurement) -> Cell:
 def write_search_report(result: SearchResult, out_dir: Path) -> Path:
     """search-<model>-b<budget>.md (cells, plan, prediction vs measurement, test comparison) and .csv (the
     test measurements); returns the Markdown file."""
-    stem = out_dir / f"search-{result.spec.model}-b{result.spec.budget:g}"
-    stem.with_suffix(".md").write_text(_markdown(result))
-    stem.with_suffix(".csv").write_text(_csv(result.tests))
-    return stem.with_suffix(".md")
+    # Not Path.with_suffix: the budget's decimal point would be taken for a suffix (b0.4 -> b0.md).
+    stem = f"search-{result.spec.model}-b{result.spec.budget:g}"
+    (out_dir / f"{stem}.csv").write_text(_csv(result.tests))
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text(_markdown(result))
+    return markdown
 
 
 def _markdown(r: SearchResult) -> str:
