@@ -123,7 +123,7 @@ class SearchResult:
 
     @property
     def predicted_wer(self) -> float:
-        return self.fp32_search.wer + sum(c.wer_increase for c in self.chosen)
+        return self.fp32_search.wer + sum(max(0.0, c.wer_increase) for c in self.chosen)  # as choose() counts
 
     @property
     def within_budget(self) -> bool:
@@ -269,7 +269,8 @@ def _markdown(r: SearchResult) -> str:
         f"Recipe `{r.recipe.name}`, file `{r.recipe_file.name}`. Size / fp32: predicted "
         f"{r.predicted_size_fraction:.3f}, measured {r.mix_search.size_fraction:.3f} "
         f"({'within' if r.within_budget else 'OVER'} the budget {spec.budget:g}). Search-set WER: predicted "
-        f"{r.predicted_wer:.2f}% (fp32 + the sum of the groups' increases), measured {r.mix_search.wer:.2f}%.",
+        f"{r.predicted_wer:.2f}% (fp32 + the sum of the groups' increases, decreases counted as none), measured "
+        f"{r.mix_search.wer:.2f}%.",
         "",
         "## Test datasets (never searched on)",
         "",
