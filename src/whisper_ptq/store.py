@@ -193,7 +193,7 @@ class Store:
                 return found[0]
             cursor = self._db.execute(
                 "INSERT INTO tasks (position, model, recipe, recipe_spec, dataset) VALUES (?, ?, ?, ?, ?)",
-                (position, *key[:2], spec, dataset),
+                (position, model, recipe.name, spec, dataset),
             )
         return cursor.lastrowid
 
