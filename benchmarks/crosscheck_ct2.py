@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-from whisper_ptq.backends.ctranslate2 import CT2Transcriber
 from whisper_ptq.data import open_dataset
-from whisper_ptq.engine import HFTranscriber, set_threads
-from whisper_ptq.metrics import corpus_rates, normalize, score_utterance
-from whisper_ptq.models import ct2_model_dir, load_model
+from whisper_ptq.engines import set_threads
+from whisper_ptq.engines.ct2 import CT2Transcriber
+from whisper_ptq.engines.hf import HFTranscriber
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.models.sources import ct2_model_dir
+from whisper_ptq.results.metrics import corpus_rates, normalize, score_utterance
 
 
 def main() -> None:

@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from whisper_ptq.backends import get_recipe
 from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset
-from whisper_ptq.evaluate import Session, Settings, cpu_model, peak_rss_bytes
-from whisper_ptq.metrics import corpus_rates, score_utterance
-from whisper_ptq.recipes import get_recipe
+from whisper_ptq.evaluation import Session
+from whisper_ptq.results.environment import cpu_model, peak_rss_bytes
+from whisper_ptq.results.metrics import corpus_rates, score_utterance
+from whisper_ptq.settings import Settings
 
 
 @dataclass

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for
+from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
 from whisper_ptq.backends.base import linear_bits_per_weight, linear_layers
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.metrics import corpus_rates, score_utterance
-from whisper_ptq.models import WhisperBundle, load_model
-from whisper_ptq.recipes import Recipe, get_recipe
+from whisper_ptq.models.loading import WhisperBundle, load_model
+from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.metrics import corpus_rates, score_utterance
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for
-from whisper_ptq.backends.ctranslate2 import CT2Transcriber
+from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
 from whisper_ptq.data import open_dataset
-from whisper_ptq.engine import HFTranscriber
+from whisper_ptq.engines.ct2 import CT2Transcriber
+from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
-from whisper_ptq.metrics import corpus_rates, normalize, score_utterance
-from whisper_ptq.models import WhisperBundle, load_model
-from whisper_ptq.recipes import Recipe, get_recipe
+from whisper_ptq.models.loading import WhisperBundle, load_model
+from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.metrics import corpus_rates, normalize, score_utterance
 
 pytest.importorskip("ctranslate2")
 

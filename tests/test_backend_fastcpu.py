@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for
+from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
 from whisper_ptq.data import open_dataset
-from whisper_ptq.engine import HFTranscriber
+from whisper_ptq.engines.fast import Int8Linear, keep_rows, quantize_rows
+from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Session, Settings
-from whisper_ptq.fast_engine import Int8Linear, keep_rows, quantize_rows
-from whisper_ptq.metrics import corpus_rates, score_utterance
-from whisper_ptq.models import load_model
-from whisper_ptq.recipes import get_recipe
+from whisper_ptq.evaluation import Session
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.results.metrics import corpus_rates, score_utterance
+from whisper_ptq.settings import Settings
 
 EAGER_INT8 = "fast:keep=encoder-first-attention,compile=false,attention=sdpa"  # fast-cpu, eager
 UTTERANCES = (4, 1, 0)  # test-clean sample: 2.1 s, 3.3 s and a longer one
@@ -92,7 +92,7 @@ def test_int8_engine_is_close_to_fp32_and_batch_invariant(model_cache: Path, utt
 def test_knobs_are_recorded_in_the_session_info(model_cache: Path) -> None:
     session = Session.open("tiny.en", get_recipe(EAGER_INT8), Settings(cache_dir=model_cache, threads=1))
     info = session.info
-    assert info["engine"].startswith("whisper_ptq.fast_engine") and info["compiled"] is False
+    assert info["engine"].startswith("whisper_ptq.engines.fast") and info["compiled"] is False
     # tiny.en: 4 encoder + 4 decoder layers; the first encoder layer's fused q/k/v and out stay fp32
     assert (info["int8_linear"], info["fp32_linear"]) == (4 * 4 + 4 * 7 - 2, 2)
     assert info["decoder_threads"] == 1 and "re-scored in fp32" in info["lm_head"]

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for
+from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes
-from whisper_ptq.backends.pytorch import StaticInputLinear
+from whisper_ptq.backends.layers import StaticInputLinear
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.metrics import corpus_rates, score_utterance
-from whisper_ptq.models import load_model
-from whisper_ptq.recipes import get_recipe
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.results.metrics import corpus_rates, score_utterance
 
 SHORTEST_TWO = (4, 1)  # indices into the test-clean sample: 2.1 s and 3.3 s
 TINY_LINEARS = 65  # 4 encoder layers x 6 + 4 decoder layers x 10 + proj_out

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from whisper_ptq import data
-from whisper_ptq.data import SAMPLE_RATE, load_audio, open_dataset
+from whisper_ptq.data import SAMPLE_RATE, datasets, load_audio, open_dataset
 from whisper_ptq.errors import UserError
 
 TEST_CLEAN_FLAC = "librispeech/test-clean/1089/134686/1089-134686-0000.flac"
@@ -301,13 +301,13 @@ def _serve_archive(tmp_path: Path, shared_data: Path, monkeypatch: pytest.Monkey
     tarball = tmp_path / "test-clean.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(staging / "librispeech" / "mini", arcname="LibriSpeech/test-clean")
-    monkeypatch.setattr(data, "OPENSLR_URL", f"file://{tmp_path}/{{split}}.tar.gz")
+    monkeypatch.setattr(datasets, "OPENSLR_URL", f"file://{tmp_path}/{{split}}.tar.gz")
     return hashlib.md5(tarball.read_bytes()).hexdigest()
 
 
 def test_fetch_unpacks_verified_archive(shared_data, tmp_path, monkeypatch):
     md5 = _serve_archive(tmp_path, shared_data, monkeypatch)
-    monkeypatch.setitem(data.LIBRISPEECH_MD5, "test-clean", md5)
+    monkeypatch.setitem(datasets.LIBRISPEECH_MD5, "test-clean", md5)
     root = tmp_path / "root"
     assert data.fetch_dataset("librispeech:test-clean", root) == root / "librispeech" / "test-clean"
     assert [u.text for u in open_dataset("librispeech:test-clean", root).utterances] == ["HELLO"]
@@ -326,8 +326,8 @@ def test_fetch_fails_fast_offline(tmp_path, monkeypatch):
     for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     # A non-routable address: the connection hangs until the connect timeout instead of failing at once.
-    monkeypatch.setattr(data, "OPENSLR_URL", "http://10.255.255.1/{split}.tar.gz")
-    monkeypatch.setattr(data, "CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(datasets, "OPENSLR_URL", "http://10.255.255.1/{split}.tar.gz")
+    monkeypatch.setattr(datasets, "CONNECT_TIMEOUT_S", 2.0)
     start = time.monotonic()
     with pytest.raises(UserError, match=rf"by hand.*{tmp_path / 'librispeech' / 'test-clean'}"):
         data.fetch_dataset("librispeech:test-clean", tmp_path)

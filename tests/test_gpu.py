@@ -17,12 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from whisper_ptq.backends import get_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Session, Settings, check_runnable, summarize
-from whisper_ptq.recipes import get_recipe
-from whisper_ptq.sweep import load_experiment
+from whisper_ptq.evaluation import Session, check_runnable
+from whisper_ptq.results.rows import summarize
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.experiment import load_experiment
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU here (torch.cuda.is_available() is false)")

@@ -13,19 +13,11 @@ import soundfile as sf
 import torch
 from huggingface_hub import constants as hub_constants
 
-from whisper_ptq import models
 from whisper_ptq.errors import UserError
-from whisper_ptq.models import (
-    PACKAGED_MODELS,
-    Ct2Model,
-    PackagedModel,
-    WhisperBundle,
-    ct2_cache_key,
-    ct2_model_dir,
-    load_model,
-    read_ct2_model,
-    resolve_model,
-)
+from whisper_ptq.models import ct2_format, sources
+from whisper_ptq.models.ct2_format import Ct2Model, ct2_cache_key, read_ct2_model
+from whisper_ptq.models.loading import WhisperBundle, load_model
+from whisper_ptq.models.sources import PACKAGED_MODELS, PackagedModel, ct2_model_dir, resolve_model
 
 UTTERANCE = "librispeech/test-clean/1089/134686/1089-134686-0000"
 
@@ -235,7 +227,7 @@ def test_second_load_does_not_reconvert(tiny_en: WhisperBundle, model_cache: Pat
     def fail(*_args):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "convert_ct2", fail)
+    monkeypatch.setattr(ct2_format, "convert_ct2", fail)
     assert load_model("tiny.en", model_cache).hf_dir == tiny_en.hf_dir
 
 
@@ -262,10 +254,10 @@ def test_packaged_base_is_assembled_once(model_cache: Path, base: WhisperBundle)
 
 def test_default_cache_dir(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("WHISPER_PTQ_CACHE", str(tmp_path / "env"))
-    assert models.default_cache_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert models.default_cache_dir() == tmp_path / "env"
+    assert sources.default_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert sources.default_cache_dir() == tmp_path / "env"
     monkeypatch.delenv("WHISPER_PTQ_CACHE")
-    assert models.default_cache_dir().name == "whisper-ptq"
+    assert sources.default_cache_dir().name == "whisper-ptq"
 
 
 # --------------------------------------------------------------------------------------------- bad input

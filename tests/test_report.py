@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from whisper_ptq import report
-from whisper_ptq.evaluate import UtteranceResult, summarize
-from whisper_ptq.metrics import score_utterance
-from whisper_ptq.stats import bootstrap_rate_ci, paired_test
+from whisper_ptq.report import analysis
+from whisper_ptq.results.metrics import score_utterance
+from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.stats import bootstrap_rate_ci, paired_test
 
 CLEAN, OTHER = "librispeech:test-clean", "librispeech:test-other"
 N_UTT, N_WORDS = 20, 20
@@ -50,7 +51,7 @@ RECIPES = [
 
 def base_errors(dataset: str, i: int, noise_factor: float = 1.0) -> int:
     """fp32's errors on utterance i: about 5% WER on clean, 17.5% on other, and a noise penalty."""
-    info = report.parse_dataset(dataset)
+    info = analysis.parse_dataset(dataset)
     errors = i % 3 if "test-clean" in info.base else 2 + i % 4
     return errors + (0 if info.snr is None else int(noise_factor * (i % 3 + 8) / (1 + info.snr / 5)))
 
@@ -262,4 +263,4 @@ def test_crash_while_writing_leaves_previous_report(tmp_path: Path, monkeypatch:
 
 def test_pareto_mask() -> None:
     points = np.array([[1.0, 1.0], [2.0, 2.0], [0.5, 3.0], [1.0, 1.0]])
-    assert report.pareto_mask(points).tolist() == [True, False, True, True]
+    assert analysis.pareto_mask(points).tolist() == [True, False, True, True]

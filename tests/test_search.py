@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, backend_for
+from whisper_ptq.backends import BuildContext, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes
-from whisper_ptq.backends.mixed import HeadTiedEmbedding, PlanEntry, mixed_recipe, plan_of
+from whisper_ptq.backends.layers import HeadTiedEmbedding
+from whisper_ptq.backends.mixed import PlanEntry, mixed_recipe, plan_of
 from whisper_ptq.cli import main
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Settings
-from whisper_ptq.models import load_model
-from whisper_ptq.recipes import get_recipe, save_recipe_file
-from whisper_ptq.search import Cell, SearchSpec, choose, parse_formats, run_search, write_search_report
-from whisper_ptq.sensitivity import Group
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.recipes import save_recipe_file
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.groups import Group
+from whisper_ptq.studies.search import Cell, SearchSpec, choose, parse_formats, run_search, write_search_report
 
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
 

@@ -9,25 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, backend_for
+from whisper_ptq.backends import BuildContext, backend_for, get_recipe
 from whisper_ptq.backends.mixed import all_linears
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Settings
-from whisper_ptq.models import load_model
-from whisper_ptq.recipes import get_recipe
-from whisper_ptq.sensitivity import (
-    Measurement,
-    Run,
-    Runner,
-    Study,
-    groups,
-    heatmap_png,
-    restrict,
-    run_sensitivity,
-    table_rows,
-)
-from whisper_ptq.store import Store
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.results.store import Store
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.groups import groups, restrict
+from whisper_ptq.studies.runner import Measurement, Run, Runner
+from whisper_ptq.studies.sensitivity import Study, run_sensitivity, table_rows, write_tables
 
 SHORTEST = 4  # index of the 2.1 s utterance in the test-clean sample
 DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
@@ -127,7 +118,7 @@ def test_study_stores_every_group_and_resumes(tmp_path, shared_data, model_cache
     assert run_sensitivity(study, settings(shared_data, model_cache), tmp_path).rows == result.rows
 
 
-def test_table_and_heatmap_from_measurements(tiny) -> None:
+def test_table_and_heatmap_from_measurements(tiny, tmp_path: Path) -> None:
     fine = groups(tiny.model.config, "both")
     fp32 = Measurement(Run("fp32", get_recipe("fp32")), "d", 3, 10.0, 5.0, 100, 100, None)
     full = Measurement(Run("all", get_recipe("torch-int8-dynamic")), "d", 3, 14.0, 6.0, 30, 100, None)
@@ -138,6 +129,7 @@ def test_table_and_heatmap_from_measurements(tiny) -> None:
     rows = table_rows([fp32, full, *cells])
     assert rows[1].share is None and rows[1].wer_increase == 4.0
     assert [r.share for r in rows[2:5]] == [0.0, 25.0, 50.0]  # percent of the full recipe's +4 points
-    png = heatmap_png(rows, "test")
-    assert png is not None and png.startswith(b"\x89PNG")
-    assert heatmap_png(rows[:2], "no groups") is None
+    files = write_tables(tmp_path, "s", rows, [], "test")
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+    assert {f.name for f in files} == {"s.md", "s.csv", "s.png"}
+    assert {f.name for f in write_tables(tmp_path / "none", "s", rows[:2], [], "no groups")} == {"s.md", "s.csv"}

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from whisper_ptq.stats import bootstrap_rate_ci, paired_test
+from whisper_ptq.results.stats import bootstrap_rate_ci, paired_test
 
 
 def test_constant_rate_has_a_zero_width_interval() -> None:

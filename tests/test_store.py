@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import UtteranceResult, summarize
 from whisper_ptq.recipes import Recipe
-from whisper_ptq.store import Store, config_hash
+from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.store import Store, config_hash
 
 CONFIG = {"name": "t", "recipes": ["fp32"], "datasets": ["librispeech:test-clean"], "limit": 2}
 FP32 = Recipe(name="fp32", library="reference", scheme="reference", weights="fp32", granularity="per-tensor")

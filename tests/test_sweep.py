@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from whisper_ptq.backends import get_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Settings, UtteranceResult
 from whisper_ptq.executors.jobs import Failed, Finished, Job, Opened, Part, Rows, decode_event, encode_event
-from whisper_ptq.recipes import get_recipe
-from whisper_ptq.sweep import RESULTS_FILE, SweepOptions, load_experiment, presets, run_sweep
+from whisper_ptq.results.rows import UtteranceResult
+from whisper_ptq.results.store import RESULTS_FILE
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.bench import SweepOptions, run_sweep
+from whisper_ptq.studies.experiment import load_experiment, presets
 
 PLUGINS = Path(__file__).parent / "plugins"
 TINY = """

@@ -41,7 +41,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from whisper_ptq.evaluate import DEFAULT_CALIBRATION, Settings
+    from whisper_ptq.settings import DEFAULT_CALIBRATION, Settings
 
     return Settings(
         device=args.device,
@@ -61,10 +61,11 @@ def _check_out_dir(out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from whisper_ptq.backends import get_recipe
     from whisper_ptq.data import open_dataset
-    from whisper_ptq.evaluate import Session, write_outputs
+    from whisper_ptq.evaluation import Session
     from whisper_ptq.export import is_export_dir
-    from whisper_ptq.recipes import get_recipe
+    from whisper_ptq.results.outputs import write_outputs
 
     settings = _settings(args)
     _check_out_dir(args.out)
@@ -127,9 +128,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from whisper_ptq.evaluate import Session
+    from whisper_ptq.backends import get_recipe
+    from whisper_ptq.evaluation import Session
     from whisper_ptq.export import write_export
-    from whisper_ptq.recipes import get_recipe
 
     settings = _settings(args)
     recipe = get_recipe(args.recipe)
@@ -149,7 +150,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from whisper_ptq.report import write_report
-    from whisper_ptq.sweep import SweepOptions, print_summary, run_sweep, select_experiment
+    from whisper_ptq.studies.bench import SweepOptions, print_summary, run_sweep
+    from whisper_ptq.studies.experiment import select_experiment
 
     if args.ray_address is not None and args.executor != "ray":
         raise UserError("--ray-address needs --executor ray")
@@ -174,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from whisper_ptq.report import write_report
-    from whisper_ptq.sweep import stored_results
+    from whisper_ptq.studies.experiment import stored_results
 
     config, results = stored_results(args.dir)
     write_report(args.dir, results, config)
@@ -183,9 +185,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from whisper_ptq.backends import get_recipe
     from whisper_ptq.data import open_dataset
-    from whisper_ptq.recipes import get_recipe
-    from whisper_ptq.sensitivity import Study, run_sensitivity
+    from whisper_ptq.studies.sensitivity import Study, run_sensitivity
 
     settings = _settings(args)
     _check_out_dir(args.out)
@@ -199,7 +201,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from whisper_ptq.data import open_dataset
-    from whisper_ptq.search import SearchSpec, parse_formats, run_search, write_search_report
+    from whisper_ptq.studies.search import SearchSpec, parse_formats, run_search, write_search_report
 
     settings = _settings(args)
     _check_out_dir(args.out)
@@ -303,19 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    """Our own progress bars and one-line summaries are the output; transformers' load bars and
-    deprecation chatter would bury them."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line summaries are the output; transformers' load bars and deprecation
+    chatter would bury them. Set through the environment, read when transformers is first imported (never by
+    commands that need no model) and inherited by sweep workers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
     try:
         return args.func(args)
     except UserError as exc:

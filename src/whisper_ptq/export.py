@@ -7,16 +7,17 @@ processor: the architecture, no weights), `weights/` (what the library's own sav
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
-
-from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+from typing import TYPE_CHECKING
 
 from whisper_ptq.backends import Quantized, backend_for
 from whisper_ptq.errors import UserError
-from whisper_ptq.models import ModelSource, WhisperBundle
+from whisper_ptq.files import atomic_dir
+from whisper_ptq.models.sources import ModelSource
 from whisper_ptq.recipes import Recipe
+
+if TYPE_CHECKING:
+    from whisper_ptq.models.loading import WhisperBundle
 
 MARKER = "whisper_ptq_export.json"
 
@@ -36,25 +37,23 @@ def write_export(bundle: WhisperBundle, recipe: Recipe, quantized: Quantized, ou
     """Write atomically: a failed export leaves nothing at `out_dir`."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"export target {out_dir} exists and is not an empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    if out_dir.exists():
+        out_dir.rmdir()  # empty: atomic_dir renames the finished export into its place
+    with atomic_dir(out_dir) as tmp:
         bundle.model.config.save_pretrained(tmp / "model")
         bundle.model.generation_config.save_pretrained(tmp / "model")
         bundle.processor.save_pretrained(tmp / "model")
         backend_for(recipe).save(quantized, tmp / "weights")
         marker = {"recipe": recipe.to_dict(), "source_model": bundle.source.spec}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_export_bundle(path: str | Path) -> WhisperBundle:
     """The exported architecture with freshly initialised weights, for the backend to overwrite."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    from whisper_ptq.models.loading import WhisperBundle
+
     path = Path(path)
     config = WhisperConfig.from_pretrained(path / "model")
     model = WhisperForConditionalGeneration(config).eval()

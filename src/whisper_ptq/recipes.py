@@ -1,8 +1,10 @@
 """Recipes: small immutable descriptions of one quantization configuration.
 
 A recipe is named (`hqq-int4`) or parametric (`hqq:nbits=3,group_size=64`); both resolve to the same frozen
-`Recipe`, built and validated by the library's backend, so a misspelled parameter is refused before any
-model is loaded. The named recipes live beside their backend (see `backends/`).
+`Recipe`, built and validated by the library's backend (`backends.get_recipe`), so a misspelled parameter is
+refused before any model is loaded. The named recipes live beside their backend (see `backends/`).
+`Recipe.to_dict()` is the identity of stored runs: changing its output makes old results databases refuse
+to resume.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from whisper_ptq.errors import UserError
+from whisper_ptq.keyvalue import parse_key_values
 
 SCHEMES = ("reference", "dynamic", "static", "weight-only")
 GRANULARITIES = ("per-tensor", "per-channel", "per-group", "per-token", "mixed")
@@ -42,6 +45,10 @@ class Recipe:
             raise ValueError(f"scheme {self.scheme!r} not in {SCHEMES}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r} not in {GRANULARITIES}")
+
+    @property
+    def is_baseline(self) -> bool:
+        return is_baseline({"library": self.library, "weights": self.weights})
 
     @property
     def needs_calibration(self) -> bool:
@@ -75,51 +82,30 @@ class Recipe:
         return cls(**data)
 
 
+def is_baseline(recipe: dict[str, Any]) -> bool:
+    """Whether a recipe (as `Recipe.to_dict` gives it) is the fp32 baseline every other recipe is compared
+    with: transformers in fp32. Other unquantized recipes (ct2-float32, fast-cpu-fp32) are systems under test,
+    not the reference."""
+    return (recipe.get("library"), recipe.get("weights")) == ("reference", "fp32")
+
+
 def parse_params(text: str) -> tuple[str, dict[str, str]]:
     """Split `lib:key=value,key=value` into the library and its raw parameters."""
     library, _, rest = text.partition(":")
-    params: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UserError(f"recipe {text!r}: parameter {item!r} is not of the form key=value")
-        if key.strip() in params:
-            raise UserError(f"recipe {text!r}: parameter {key.strip()!r} given twice")
-        params[key.strip()] = value.strip()
-    return library.strip(), params
+    return library.strip(), parse_key_values(rest, f"recipe {text!r}")
 
 
-def get_recipe(text: str) -> Recipe:
-    """Resolve a named recipe, a parametric `lib:key=value,...` form, or a saved recipe file (.json)."""
-    from whisper_ptq.backends import BACKENDS, named_recipes
-
-    named = named_recipes()
-    if text in named:
-        return named[text]
-    if text.endswith(".json"):
-        return load_recipe_file(Path(text))
-    if ":" in text:
-        library, params = parse_params(text)
-        if library not in BACKENDS:
-            raise UserError(f"recipe {text!r}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
-        return BACKENDS[library].recipe(params, name=text)
-    raise UserError(
-        f"unknown recipe {text!r}; named recipes: {', '.join(named)} "
-        f"(or a parametric form such as hqq:nbits=3,group_size=64; see `whisper-ptq list`)"
-    )
-
-
-def load_recipe_file(path: Path) -> Recipe:
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """A saved recipe's fields, unvalidated (`backends.get_recipe` checks them with the recipe's backend)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"recipe file {path} does not exist") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"recipe file {path} is not valid JSON: {exc}") from None
-    try:
-        return Recipe.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"recipe file {path} is not a recipe: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe file {path} is not a recipe: expected a JSON object")
+    return data
 
 
 def save_recipe_file(recipe: Recipe, path: Path) -> None:

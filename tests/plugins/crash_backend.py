@@ -19,7 +19,7 @@ import numpy as np
 
 from whisper_ptq.backends import register
 from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
-from whisper_ptq.engine import HFTranscriber
+from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.recipes import OptionValue, Recipe
 
 

@@ -1,10 +1,13 @@
-"""Registry of quantization backends: adding a library means one module here and one line below."""
+"""Registry of quantization backends, and recipe lookup: adding a library means one module here and one line
+below. Backend modules import their libraries (and torch) only inside the methods that run a model, so this
+registry, recipe validation and `whisper-ptq list` never load the model stack."""
 
 from __future__ import annotations
 
 import importlib
 import os
 from functools import cache
+from pathlib import Path
 
 from whisper_ptq.backends.base import Backend, BuildContext, Quantized
 from whisper_ptq.backends.bnb import BitsAndBytesBackend
@@ -17,7 +20,7 @@ from whisper_ptq.backends.quanto import QuantoBackend
 from whisper_ptq.backends.reference import ReferenceBackend
 from whisper_ptq.backends.torchao import TorchaoBackend
 from whisper_ptq.errors import UserError
-from whisper_ptq.recipes import Recipe
+from whisper_ptq.recipes import Recipe, parse_params, read_recipe_file
 
 BACKENDS: dict[str, Backend] = {
     backend.library: backend
@@ -47,6 +50,40 @@ def backend_for(recipe: Recipe) -> Backend:
     return BACKENDS[recipe.library]
 
 
+def get_recipe(text: str) -> Recipe:
+    """Resolve a named recipe, a parametric `lib:key=value,...` form, or a saved recipe file (.json)."""
+    named = named_recipes()
+    if text in named:
+        return named[text]
+    if text.endswith(".json"):
+        return recipe_from_file(Path(text))
+    if ":" in text:
+        library, params = parse_params(text)
+        if library not in BACKENDS:
+            raise UserError(f"recipe {text!r}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
+        return BACKENDS[library].recipe(params, name=text)
+    raise UserError(
+        f"unknown recipe {text!r}; named recipes: {', '.join(named)} "
+        f"(or a parametric form such as hqq:nbits=3,group_size=64; see `whisper-ptq list`)"
+    )
+
+
+def recipe_from_file(path: Path) -> Recipe:
+    data = read_recipe_file(path)
+    library = data.get("library")
+    if library not in BACKENDS:
+        raise UserError(f"recipe file {path}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
+    try:
+        return Recipe.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"recipe file {path} is not a recipe: {exc}") from None
+
+
+def library_packages() -> list[str]:
+    """The pip packages of every backend's libraries: the versions each run records."""
+    return list(dict.fromkeys(pkg for backend in BACKENDS.values() for pkg in backend.requires.values()))
+
+
 def register(backend: Backend) -> None:
     """Add a backend from outside this package (a plugin, e.g. a test-only recipe)."""
     BACKENDS[backend.library] = backend
@@ -66,4 +103,15 @@ def _load_plugins() -> None:
 _load_plugins()
 
 
-__all__ = ["BACKENDS", "Backend", "BuildContext", "Quantized", "backend_for", "named_recipes", "register"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BuildContext",
+    "Quantized",
+    "backend_for",
+    "get_recipe",
+    "library_packages",
+    "named_recipes",
+    "recipe_from_file",
+    "register",
+]

@@ -13,14 +13,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-
-from whisper_ptq.engine import Transcriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from whisper_ptq.engines import Transcriber
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Backend(ABC):
         kind = device.split(":")[0]
         if kind not in recipe.devices:
             return f"{recipe.name} runs on {'/'.join(recipe.devices)}, not {kind}"
-        if kind == "cuda" and not torch.cuda.is_available():
+        if kind == "cuda" and not _cuda_available():
             return "no CUDA device present"
         return None
 
@@ -119,6 +122,8 @@ class Backend(ABC):
     def save(self, quantized: Quantized, out_dir: Path) -> None:
         """Serialize through the library's own save path. The default: torch.save of the state dict, which
         is how torch/torchao/HQQ/bitsandbytes tensors (packed, with scales) serialize themselves."""
+        import torch
+
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(quantized.model.state_dict(), out_dir / "model.pt")
 
@@ -127,7 +132,10 @@ class Backend(ABC):
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
 
 
-HEAD = "proj_out"  # Whisper's LM head, tied to model.decoder.embed_tokens
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def keep_head_param(kept_by_default: bool) -> Param:
@@ -167,6 +175,8 @@ def directory_bytes(path: Path) -> int:
 def linear_layers(model: torch.nn.Module) -> dict[str, int]:
     """Name -> weight count of every nn.Linear, except one whose weight is tied to the token embedding
     (Whisper's `proj_out`): it is the embedding, and most recipes keep it in full precision."""
+    import torch
+
     embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     return {
         name: module.in_features * module.out_features
@@ -175,12 +185,24 @@ def linear_layers(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def head_kept(recipe: Recipe) -> bool:
+    """Whether the recipe leaves the LM head in full precision."""
+    return not recipe.selects(HEAD)
+
+
+def targets(model: torch.nn.Module, recipe: Recipe) -> set[str]:
+    """The nn.Linear names to quantize: those the recipe selects, the LM head included unless kept."""
+    return set(target_linears(model, recipe, lm_head=True))
+
+
 def target_linears(model: torch.nn.Module, recipe: Recipe, lm_head: bool = False) -> list[str]:
     """Names of the nn.Linear modules a recipe quantizes: those it selects (`Recipe.selects`), and the tied
     LM head `proj_out` only when the backend asks for it."""
+    import torch
+
     names = list(linear_layers(model))
-    if lm_head and isinstance(getattr(model, "proj_out", None), torch.nn.Linear):
-        names.append("proj_out")
+    if lm_head and isinstance(getattr(model, HEAD, None), torch.nn.Linear):
+        names.append(HEAD)
     return [name for name in names if recipe.selects(name)]
 
 
@@ -188,6 +210,8 @@ def linear_bits_per_weight(model: torch.nn.Module, layers: dict[str, int]) -> fl
     """Serialized bits per weight of the given (formerly nn.Linear) layers: each layer's state dict without
     its bias, saved with torch.save, so packed data, scales and zero points all count. Measuring the saved
     bytes, not tensor.nbytes, matters because quantized tensor subclasses report their logical dtype."""
+    import torch
+
     modules = dict(model.named_modules())
     total_bytes = 0
     for name in layers:

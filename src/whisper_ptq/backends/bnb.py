@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import (
     Backend,
@@ -32,16 +29,20 @@ from whisper_ptq.backends.base import (
     replace_linears_,
     target_linears,
 )
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 FORMATS = ("int8", "nf4", "fp4")
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names
 BLOCKSIZES = (32, 64, 128, 256)
 DEFAULT_THRESHOLD = 6.0
 DEFAULT_BLOCKSIZE = 64
-KEPT = ("proj_out",)  # tied to model.decoder.embed_tokens, which no recipe here quantizes
+KEPT = (HEAD,)  # tied to model.decoder.embed_tokens, which no recipe here quantizes
 
 
 class BitsAndBytesBackend(Backend):
@@ -110,6 +111,8 @@ class BitsAndBytesBackend(Backend):
         return self._quantized(model, bundle, recipe, ctx)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        import torch
+
         path = saved_dir / "model.pt"
         if not path.is_file():
             raise UserError(f"{saved_dir} holds no bitsandbytes model (model.pt is missing)")
@@ -135,6 +138,8 @@ class BitsAndBytesBackend(Backend):
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
         import bitsandbytes
+
+        from whisper_ptq.engines.hf import HFTranscriber
 
         info: dict[str, Any] = {
             "kept_full_precision": list(recipe.keep),
@@ -185,6 +190,7 @@ def bnb_layers(model: nn.Module) -> list[str]:
 def empty_linear(linear: nn.Linear, recipe: Recipe) -> nn.Module:
     """The bnb module for `linear`, its weight still unset (on the meta device: nothing is allocated)."""
     import bitsandbytes as bnb
+    import torch
 
     has_bias = linear.bias is not None
     if recipe.weights == "int8":
@@ -200,7 +206,7 @@ def empty_linear(linear: nn.Linear, recipe: Recipe) -> nn.Module:
         linear.in_features,
         linear.out_features,
         bias=has_bias,
-        compute_dtype=COMPUTE_DTYPES[str(recipe.option("compute_dtype"))],
+        compute_dtype=getattr(torch, COMPUTE_DTYPES[str(recipe.option("compute_dtype"))]),
         compress_statistics=bool(recipe.option("double_quant")),
         quant_type=recipe.weights,
         device="meta",
@@ -234,6 +240,7 @@ def quantized_linear(linear: nn.Linear, recipe: Recipe, device: str) -> nn.Modul
 def restore_linear_(module: nn.Module, name: str, state: dict[str, torch.Tensor], device: str) -> None:
     """Install the saved quantized weight and bias of `name` into its empty bnb module, popping its keys."""
     import bitsandbytes as bnb
+    from torch import nn
 
     prefix = f"{name}.weight"
     weight = state.pop(prefix)

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
-from whisper_ptq.data import SAMPLE_RATE
 from whisper_ptq.errors import UserError
-from whisper_ptq.models import read_ct2_model
 from whisper_ptq.recipes import OptionValue, Recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from whisper_ptq.engines.ct2 import CT2Transcriber
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,6 @@ COMPUTE_TYPES = {
     "int8_float16": ComputeType("int8", "int8", "per-channel", ("cuda",)),
     "bfloat16": ComputeType("bf16", None, "per-tensor", ("cuda",)),
 }
-PROMPT_MULTILINGUAL = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
-PROMPT_ENGLISH_ONLY = ("<|startoftranscript|>", "<|notimestamps|>")
 
 
 class CTranslate2Backend(Backend):
@@ -114,6 +112,8 @@ class CTranslate2Backend(Backend):
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
         import ctranslate2
 
+        from whisper_ptq.engines.ct2 import CT2Transcriber
+
         if recipe.modules or recipe.keep:
             raise UserError(f"recipe {recipe.name!r}: CTranslate2 quantizes every layer, it cannot select modules")
         workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-ct2-")
@@ -122,8 +122,8 @@ class CTranslate2Backend(Backend):
             source = transformers_dir(bundle, Path(scratch))
             # The converter reloads the model from disk: a second fp32 copy while it runs, then freed.
             converter = ctranslate2.converters.TransformersConverter(str(source))
-            converter.convert(str(model_dir), quantization=str(recipe.option("compute_type")), force=True)
-        transcriber = CT2Transcriber.for_bundle(model_dir, bundle, recipe, ctx.device, workspace)
+            converter.convert(str(model_dir), quantization=compute_type(recipe), force=True)
+        transcriber = CT2Transcriber.for_bundle(model_dir, bundle, compute_type(recipe), ctx.device, workspace)
         return Quantized(transcriber, model_dir, ct2_info(transcriber))
 
     def save(self, quantized: Quantized, out_dir: Path) -> None:
@@ -131,10 +131,16 @@ class CTranslate2Backend(Backend):
         shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        from whisper_ptq.engines.ct2 import CT2Transcriber
+
         if not (saved_dir / "model.bin").is_file():
             raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
-        transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, recipe, ctx.device)
+        transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, compute_type(recipe), ctx.device)
         return Quantized(transcriber, saved_dir, ct2_info(transcriber))
+
+
+def compute_type(recipe: Recipe) -> str:
+    return str(recipe.option("compute_type"))
 
 
 def transformers_dir(bundle: Any, scratch: Path) -> Path:
@@ -144,72 +150,6 @@ def transformers_dir(bundle: Any, scratch: Path) -> Path:
     bundle.model.save_pretrained(scratch)
     bundle.processor.save_pretrained(scratch)
     return scratch
-
-
-@dataclass
-class CT2Transcriber:
-    """A CTranslate2 Whisper model decoding exactly like `HFTranscriber` (greedy, English, no timestamps)."""
-
-    model_dir: Path
-    processor: Any  # the transformers WhisperProcessor: same features and tokenizer as HFTranscriber
-    compute_type: str
-    device: str = "cpu"
-    max_length: int = 448  # transformers' generation_config.max_length
-    max_target_positions: int = 448  # the decoder's position limit (model config)
-    # Owns the converted files when they live in a temporary directory, so `save` can copy them later.
-    workspace: tempfile.TemporaryDirectory | None = None
-    model: Any = field(init=False)
-    prompt: list[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        import ctranslate2
-
-        kind, _, index = self.device.partition(":")
-        self.model = ctranslate2.models.Whisper(
-            str(self.model_dir),
-            device=kind,
-            device_index=int(index or 0),
-            compute_type=self.compute_type,
-            intra_threads=torch.get_num_threads(),
-        )
-        tokens = PROMPT_MULTILINGUAL if self.model.is_multilingual else PROMPT_ENGLISH_ONLY
-        self.prompt = self.processor.tokenizer.convert_tokens_to_ids(list(tokens))
-
-    @classmethod
-    def for_bundle(
-        cls, model_dir: Path, bundle: Any, recipe: Recipe, device: str, workspace: Any = None
-    ) -> CT2Transcriber:
-        return cls(
-            model_dir,
-            bundle.processor,
-            str(recipe.option("compute_type")),
-            device,
-            bundle.model.generation_config.max_length,
-            bundle.model.config.max_target_positions,
-            workspace,
-        )
-
-    def ct2_max_length(self) -> int:
-        # transformers' Whisper generates min(max_length, max_target_positions - prompt) new tokens
-        # (`_set_max_new_tokens_and_length`); CTranslate2 decodes min(L / 2, L - prompt + 1) steps of its
-        # max_length L (OpenAI's sample_len rule): twice that budget stops it where transformers stops.
-        return 2 * min(self.max_length, self.max_target_positions - len(self.prompt))
-
-    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
-        import ctranslate2
-
-        features = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="np")
-        batch = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.input_features, np.float32))
-        results = self.model.generate(
-            batch,
-            [self.prompt] * len(audios),
-            beam_size=1,
-            max_length=self.ct2_max_length(),
-            suppress_blank=True,  # the converter's suppress_ids_begin = transformers' begin_suppress_tokens
-            suppress_tokens=[-1],  # the converter's suppress_ids = transformers' suppress_tokens
-            return_scores=False,
-        )
-        return self.processor.tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)
 
 
 def ct2_info(transcriber: CT2Transcriber) -> dict[str, Any]:
@@ -225,6 +165,8 @@ def ct2_info(transcriber: CT2Transcriber) -> dict[str, Any]:
 def stored_weights(model_bin: Path) -> dict[str, Any]:
     """Which weights CTranslate2 stored in which dtype, and the stored bits per Linear weight (raw bytes of
     weights and scales, biases excluded), the CT2 counterpart of `base.linear_bits_per_weight`."""
+    from whisper_ptq.models.ct2_format import read_ct2_model
+
     variables = read_ct2_model(model_bin).variables
     groups = {"linear": "/linear_", "conv": "/conv", "token_embedding": "decoder/embeddings/"}
     dtypes = {

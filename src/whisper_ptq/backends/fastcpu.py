@@ -1,4 +1,4 @@
-"""The fastest honest CPU path: `whisper_ptq.fast_engine` (int8 per-token GEMMs, lean greedy loop), optionally
+"""The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 per-token GEMMs, lean greedy loop), optionally
 with the encoder compiled by `torch.compile` (inductor fuses the per-row quantization into its neighbours).
 
 The speed knobs land in `Quantized.info` (summary.json, results database): engine, linear kinds and counts,
@@ -10,25 +10,21 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
 from whisper_ptq.errors import UserError
-from whisper_ptq.fast_engine import (
-    ATTENTION_BLOCK,
-    ENCODER_ATTENTION,
-    SHORTLIST,
-    FastTranscriber,
-    FloatLinear,
-    Int8Linear,
-)
 from whisper_ptq.recipes import OptionValue, Recipe
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from whisper_ptq.engines.fast import FastTranscriber
+
 KINDS = ("int8", "fp32")
-SENSITIVE = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SENSITIVE = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names
+ATTENTIONS = ("sdpa", "bf16")  # the keys of engines.fast.ENCODER_ATTENTION
 # What `keep` names, as regexes over transformers module names (Recipe.keep). The first encoder layer's
 # attention input has outlier channels (LayerNorm output of the conv stem): the one place where per-token int8
 # costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for any other layer).
@@ -38,10 +34,14 @@ KEEP_CHOICES = {
     "encoder-first-layer": (r"^model\.encoder\.layers\.0\.",),
 }
 
-ATTENTION_INFO = {
-    "sdpa": "encoder: fp32 SDPA (ATen CPU flash kernel); decoder: fp32 SDPA",
-    "bf16": f"encoder: bf16 GEMMs over blocks of {ATTENTION_BLOCK} queries, fp32 softmax; decoder: fp32 SDPA",
-}
+
+
+def attention_info(attention: str) -> str:
+    from whisper_ptq.engines.fast import ATTENTION_BLOCK
+
+    if attention == "sdpa":
+        return "encoder: fp32 SDPA (ATen CPU flash kernel); decoder: fp32 SDPA"
+    return f"encoder: bf16 GEMMs over blocks of {ATTENTION_BLOCK} queries, fp32 softmax; decoder: fp32 SDPA"
 
 
 def kind_chooser(recipe: Recipe) -> Any:
@@ -56,6 +56,8 @@ def kind_chooser(recipe: Recipe) -> Any:
 def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> float:
     """Compile the encoder for its only input shape (one utterance, 30 s) and run it once; returns seconds.
     Compiling here, in `quantize`, keeps the compile out of every timed region."""
+    import torch
+
     start = time.perf_counter()
     compiled = torch.compile(transcriber.encoder, dynamic=False)
     with torch.inference_mode():
@@ -67,6 +69,8 @@ def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> flo
 def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
     """How many fused linears are int8 / fp32, and their serialized bits per weight (scales included, biases
     not, as `base.linear_bits_per_weight` counts them)."""
+    from whisper_ptq.engines.fast import FloatLinear, Int8Linear
+
     linears = [m for m in modules if isinstance(m, (Int8Linear, FloatLinear))]
     weights = sum(m.weight.numel() for m in linears)
     stored = sum(_saved_bytes({k: v for k, v in m.state_dict().items() if k != "bias"}) for m in linears)
@@ -78,6 +82,8 @@ def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
 
 
 def _saved_bytes(state: dict[str, torch.Tensor]) -> int:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getbuffer().nbytes
@@ -88,11 +94,11 @@ class FastCPUBackend(Backend):
     description = "lean greedy engine: fused int8 per-token GEMMs (oneDNN VNNI), fp32-rescored int8 LM head"
     params = {
         "weights": Param(str, "int8", KINDS, "linear weights: int8 (per-token int8 activations) or fp32"),
-        "head": Param(str, "int8", KINDS, f"LM head: int8 shortlist of {SHORTLIST} re-scored in fp32, or fp32"),
+        "head": Param(str, "int8", KINDS, "LM head: int8 shortlist re-scored in fp32, or fp32"),
         "keep": Param(str, None, tuple(KEEP_CHOICES), "linears not quantized (the sensitive first encoder layer)"),
         "sensitive": Param(str, "fp32", tuple(SENSITIVE), "precision of the kept linears and the conv stem"),
         "attention": Param(
-            str, "bf16", tuple(ENCODER_ATTENTION), "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"
+            str, "bf16", ATTENTIONS, "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"
         ),
         "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
         "decoder_threads": Param(int, 0, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
@@ -141,10 +147,14 @@ class FastCPUBackend(Backend):
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        import torch
+
+        from whisper_ptq.engines.fast import SHORTLIST, FastTranscriber
+
         model = bundle.model.eval()
         threads = int(recipe.option("decoder_threads"))  # type: ignore[arg-type]
         head = str(recipe.option("head"))
-        attention, stem = str(recipe.option("attention")), SENSITIVE[str(recipe.option("sensitive"))]
+        attention, stem = str(recipe.option("attention")), getattr(torch, SENSITIVE[str(recipe.option("sensitive"))])
         transcriber = FastTranscriber(
             model,
             bundle.processor,
@@ -155,14 +165,14 @@ class FastCPUBackend(Backend):
             decoder_threads=threads or None,
         )
         info: dict[str, Any] = {
-            "engine": "whisper_ptq.fast_engine.FastTranscriber (greedy loop, preallocated KV cache)",
+            "engine": "whisper_ptq.engines.fast.FastTranscriber (greedy loop, preallocated KV cache)",
             "linears": "fused q/k/v; int8: per-channel symmetric weights, per-token symmetric activations, "
             "torch._int_mm",
             **linear_facts(list(transcriber.modules())),
             "kept": list(recipe.keep),
             "kept_and_stem_dtype": str(recipe.option("sensitive")),
             "lm_head": f"int8 weight-only shortlist of {SHORTLIST}, re-scored in fp32" if head == "int8" else "fp32",
-            "attention": ATTENTION_INFO[attention],
+            "attention": attention_info(attention),
             "encoder_batching": "one utterance per encoder call",
             "decoder_threads": threads or torch.get_num_threads(),
             "compiled": bool(recipe.option("compile")),
@@ -176,6 +186,8 @@ class FastCPUBackend(Backend):
 
     def save(self, quantized: Quantized, out_dir: Any) -> None:
         """The engine's own weights (int8 and fp32 buffers, encoder and decoder) through torch.save."""
+        import torch
+
         out_dir.mkdir(parents=True, exist_ok=True)
         transcriber = quantized.transcriber
         encoder = getattr(transcriber.encoder, "_orig_mod", transcriber.encoder)

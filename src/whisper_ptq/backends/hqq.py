@@ -17,29 +17,27 @@ the saved state has quantized weights and lets `HQQLinear.load_state_dict` resto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import (
-    HEAD,
     Backend,
     BuildContext,
     Param,
     Quantized,
+    head_kept,
     keep_head_param,
     replace_linears_,
     target_linears,
 )
-from whisper_ptq.backends.quanto import head_kept
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
+
+if TYPE_CHECKING:
+    from torch import nn
 
 NBITS = (8, 4, 3, 2)
 GROUP_SIZES = (32, 64, 128)  # each divides 384, the smallest Whisper width, as HQQ requires
-COMPUTE_DTYPE = torch.float32
 KERNEL = "PYTORCH"  # HQQBackend member: the one that runs on CPU
 STATE_FILE = "model.pt"
 
@@ -54,12 +52,13 @@ def quant_config(recipe: Recipe) -> dict[str, Any]:
 
 def hqq_linear(linear: nn.Module | None, config: dict[str, Any] | None, device: str) -> nn.Module:
     """An HQQLinear quantizing `linear` with `config` (or an empty one to load a state dict into)."""
+    import torch
     from hqq.core.quantize import HQQBackend as Kernel
     from hqq.core.quantize import HQQLinear
 
     # A class-wide setting in hqq; PYTORCH is also its default, set here so the recorded kernel is certain.
     HQQLinear.set_backend(getattr(Kernel, KERNEL))
-    return HQQLinear(linear, config, compute_dtype=COMPUTE_DTYPE, device=device, initialize=linear is not None)
+    return HQQLinear(linear, config, compute_dtype=torch.float32, device=device, initialize=linear is not None)
 
 
 def hqq_layers(model: nn.Module) -> list[str]:
@@ -120,6 +119,8 @@ class HQQBackend(Backend):
         return self._quantized(model, bundle, recipe, ctx)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        import torch
+
         path = saved_dir / STATE_FILE
         if not path.is_file():
             raise UserError(f"{saved_dir} holds no HQQ model ({STATE_FILE} is missing)")
@@ -134,6 +135,8 @@ class HQQBackend(Backend):
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
         import hqq
+
+        from whisper_ptq.engines.hf import HFTranscriber
 
         info = {
             "hqq": hqq.__version__,

@@ -23,18 +23,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-from torch.nn import functional as F
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Quantized, target_linears
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
 
-HEAD = "proj_out"
+if TYPE_CHECKING:
+    from torch import nn
+
 # Libraries whose quantized head module has `dequantize()` returning its (out, in) weight: HQQLinear does.
 HEAD_TIE_LIBRARIES = ("hqq",)
 DEVICES = ("cpu", "cuda")
@@ -103,6 +101,8 @@ def plan_of(recipe: Recipe) -> list[PlanEntry]:
 def quantized_linears(model: nn.Module, names: list[str]) -> set[str]:
     """Those of `names` whose module is no longer a plain nn.Linear (the exact type: bitsandbytes' and
     Quanto's quantized layers subclass nn.Linear)."""
+    from torch import nn
+
     modules = dict(model.named_modules())
     return {name for name in names if type(modules[name]) is not nn.Linear}
 
@@ -114,25 +114,6 @@ _EVERY_MODULE = Recipe(name="every module", library="none", scheme="weight-only"
 def all_linears(model: nn.Module) -> list[str]:
     """Every nn.Linear a recipe may select (call it before quantizing), the tied head included."""
     return target_linears(model, _EVERY_MODULE, lm_head=True)
-
-
-class HeadTiedEmbedding(nn.Module):
-    """The token embedding read from the quantized LM head: row i of the head's weight is token i's vector,
-    as in the tied fp32 model. `weight` is a non-persistent buffer, so `state_dict` (what `save` writes)
-    holds the table once, inside the quantized head; `refresh` recomputes it once the head is final."""
-
-    def __init__(self, embedding: nn.Embedding):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.padding_idx = embedding.padding_idx
-        self.register_buffer("weight", torch.empty(0), persistent=False)
-
-    def refresh(self, head: nn.Module) -> None:
-        table = head.dequantize().to(torch.float32)
-        self.weight = table.reshape(self.num_embeddings, self.embedding_dim)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight, self.padding_idx)
 
 
 class MixedBackend(Backend):
@@ -180,6 +161,8 @@ class MixedBackend(Backend):
 
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, ctx: BuildContext, tied: bool, info: dict[str, Any]) -> Quantized:
+        from whisper_ptq.engines.hf import HFTranscriber
+
         if tied:  # the head's weights are final now
             model.get_input_embeddings().refresh(model.get_submodule(HEAD))
         info = {**info, "embedding": _embedding_info(tied)}
@@ -214,6 +197,8 @@ def _check_in_place(model: nn.Module, quantized: Quantized, entry: PlanEntry, st
 
 def _tie_head_(model: nn.Module, plan: list[PlanEntry], selected: list[set[str]]) -> bool:
     """Swap in the head-tied embedding when the plan quantizes the head with a library that allows it."""
+    from whisper_ptq.backends.layers import HeadTiedEmbedding
+
     entry = next((e for e, names in zip(plan, selected, strict=True) if HEAD in names), None)
     if entry is None or entry.recipe.library not in HEAD_TIE_LIBRARIES:
         return False

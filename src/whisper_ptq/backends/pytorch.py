@@ -20,13 +20,9 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import (
-    HEAD,
     Backend,
     BuildContext,
     Param,
@@ -34,19 +30,19 @@ from whisper_ptq.backends.base import (
     head_info,
     keep_head_param,
     replace_linears_,
-    target_linears,
+    targets,
 )
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from whisper_ptq.engines.hf import HFTranscriber
+
 CALIBRATION_BATCH = 8
-QLinearOutputFp32 = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-
-
-def targets(model: nn.Module, recipe: Recipe) -> set[str]:
-    """The nn.Linear names to quantize: those the recipe selects, the LM head included unless kept."""
-    return set(target_linears(model, recipe, lm_head=True))
 
 
 @contextlib.contextmanager
@@ -60,69 +56,32 @@ def _quiet_deprecation() -> Iterator[None]:
 
 
 def _dynamic_qconfig(granularity: str) -> torch.ao.quantization.QConfig:
+    import torch
+
     if granularity == "per-channel":
         return torch.ao.quantization.per_channel_dynamic_qconfig
     return torch.ao.quantization.default_dynamic_qconfig
 
 
 def quantize_dynamic_(model: nn.Module, recipe: Recipe) -> None:
+    import torch
+
     qconfig = _dynamic_qconfig(recipe.granularity)
     spec = dict.fromkeys(targets(model, recipe), qconfig)
     with _quiet_deprecation():
         torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
-class ObservedLinear(nn.Module):
-    """An nn.Linear that records the range of its input (calibration only)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
-        # x86's default activation observer, with its reduce_range (0..127, 7 bits): fbgemm's u8s8 kernels
-        # can saturate their int16 intermediate sums with full-range activations on CPUs without VNNI
-        self.observer = torch.ao.quantization.HistogramObserver(dtype=torch.quint8, quant_min=0, quant_max=127)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.observer(x)
-        return self.linear(x)
-
-
-class StaticInputLinear(nn.Module):
-    """int8 Linear with a calibrated per-tensor input scale and fp32 output (fbgemm kernel)."""
-
-    def __init__(self, linear: nn.Linear, granularity: str, scale: float = 1.0, zero_point: int = 0) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed_params = torch.ao.nn.quantized.modules.linear.LinearPackedParams()
-        self._packed_params.set_weight_bias(quantize_weight(linear.weight, granularity), linear.bias)
-        self.register_buffer("input_scale", torch.tensor(scale, dtype=torch.float64))
-        self.register_buffer("input_zero_point", torch.tensor(zero_point, dtype=torch.int64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_params._packed_params
-        return QLinearOutputFp32(x, self.input_scale.item(), int(self.input_zero_point.item()), packed)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, input_scale={self.input_scale}"
-
-
-def quantize_weight(weight: torch.Tensor, granularity: str) -> torch.Tensor:
-    """Symmetric qint8 weight, per output channel or per tensor (torch.ao's default weight observers)."""
-    q = torch.ao.quantization
-    per_channel = granularity == "per-channel"
-    observer = (q.default_per_channel_weight_observer if per_channel else q.default_weight_observer)()
-    observer(weight.detach())
-    scale, zero_point = observer.calculate_qparams()
-    if per_channel:
-        return torch.quantize_per_channel(weight.detach(), scale, zero_point, 0, torch.qint8)
-    return torch.quantize_per_tensor(weight.detach(), float(scale), int(zero_point), torch.qint8)
-
-
 def observe_linears_(model: nn.Module, recipe: Recipe) -> None:
+    from whisper_ptq.backends.layers import ObservedLinear
+
     replace_linears_(model, targets(model, recipe), ObservedLinear)
 
 
 def convert_observed_(model: nn.Module, recipe: Recipe) -> None:
+
+    from whisper_ptq.backends.layers import ObservedLinear, StaticInputLinear
+
     observed = {name for name, module in model.named_modules() if isinstance(module, ObservedLinear)}
 
     def convert(module: nn.Module) -> nn.Module:
@@ -135,6 +94,8 @@ def convert_observed_(model: nn.Module, recipe: Recipe) -> None:
 
 def static_skeleton_(model: nn.Module, recipe: Recipe) -> None:
     """The module structure of a static model with placeholder scales, for `load_state_dict` to fill."""
+    from whisper_ptq.backends.layers import StaticInputLinear
+
     names = targets(model, recipe)
     with _quiet_deprecation():
         replace_linears_(model, names, lambda linear: StaticInputLinear(linear, recipe.granularity))
@@ -147,6 +108,10 @@ def calibrate(transcriber: HFTranscriber, audios: list[Any]) -> None:
 
 
 def count_quantized(model: nn.Module) -> int:
+    import torch
+
+    from whisper_ptq.backends.layers import StaticInputLinear
+
     kinds = (torch.ao.nn.quantized.dynamic.Linear, StaticInputLinear)
     return sum(isinstance(module, kinds) for module in model.modules())
 
@@ -194,13 +159,15 @@ class PyTorchBackend(Backend):
             description=description or f"torch int8 {scheme} {granularity}",
         )
 
-    def check(self, recipe: Recipe, device: str) -> str | None:
-        reason = super().check(recipe, device)
-        if reason is None and not torch.backends.quantized.supported_engines:
-            reason = "this torch build has no quantized engine (fbgemm/x86/onednn/qnnpack)"
-        return reason
-
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        import torch
+
+        from whisper_ptq.engines.hf import HFTranscriber
+
+        # Checked here rather than in `check`, which must not import torch (`list` answers in a second); every
+        # x86 and ARM build of torch ships one.
+        if not torch.backends.quantized.supported_engines:
+            raise UserError("this torch build has no quantized engine (fbgemm/x86/onednn/qnnpack)")
         model = bundle.model.to(ctx.device).eval()
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
         info: dict[str, Any] = {}
@@ -217,6 +184,9 @@ class PyTorchBackend(Backend):
         return Quantized(transcriber, model, {**self._info(model, recipe), **info})
 
     def _info(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+        import torch
+
+
         scheme = "dynamic, per call" if recipe.scheme == "dynamic" else "static, histogram-calibrated"
         return {
             "quantized_engine": torch.backends.quantized.engine,
@@ -229,6 +199,10 @@ class PyTorchBackend(Backend):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
         # Rebuild the same module structure (packed-params modules) on the fresh fp32 model, then overwrite
         # weights, scales and zero points with the saved ones.
+        import torch
+
+        from whisper_ptq.engines.hf import HFTranscriber
+
         model = bundle.model.to(ctx.device).eval()
         if recipe.scheme == "static":
             static_skeleton_(model, recipe)

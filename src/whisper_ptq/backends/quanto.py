@@ -34,24 +34,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import (
-    HEAD,
     Backend,
     BuildContext,
     Param,
     Quantized,
+    head_kept,
     keep_head_param,
     target_linears,
 )
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from whisper_ptq.engines.hf import HFTranscriber
 
 WEIGHTS = ("int8", "int4", "int2", "fp8")
 ACTIVATIONS = (None, "int8", "fp8")
@@ -62,10 +65,6 @@ CALIBRATION_BATCH = 8
 STATE_FILE = "model.safetensors"
 MAP_FILE = "quantization_map.json"
 STREAMLINE_FILE = "streamline.json"
-
-
-def head_kept(recipe: Recipe) -> bool:
-    return not recipe.selects(HEAD)
 
 
 def qtype(name: str | None) -> Any:
@@ -102,6 +101,8 @@ def decoder_prompt(config: Any) -> list[int]:
 def fp32_transcripts(transcriber: HFTranscriber, audios: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(features, decoder input ids) per calibration batch: the unquantized model's own transcripts,
     prompt included, to be replayed by teacher forcing."""
+    import torch
+
     model = transcriber.model
     prompt = torch.tensor(decoder_prompt(model.generation_config), device=transcriber.device)
     batches = []
@@ -115,6 +116,7 @@ def fp32_transcripts(transcriber: HFTranscriber, audios: list[np.ndarray]) -> li
 
 def calibrate_(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Record activation scales: one teacher-forced pass of encoder and decoder per calibration batch."""
+    import torch
     from optimum.quanto import Calibration
 
     with torch.no_grad(), Calibration(momentum=CALIBRATION_MOMENTUM):
@@ -196,6 +198,8 @@ class QuantoBackend(Backend):
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        from whisper_ptq.engines.hf import HFTranscriber
+
         model = self._prepare(bundle, ctx)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
         info: dict[str, Any] = {}
@@ -225,8 +229,11 @@ class QuantoBackend(Backend):
         (out_dir / STREAMLINE_FILE).write_text(json.dumps({"output_unquantized": output_unquantized(model)}))
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+        import torch
         from optimum.quanto import requantize
         from safetensors.torch import load_file
+
+        from whisper_ptq.engines.hf import HFTranscriber
 
         paths = [saved_dir / name for name in (STATE_FILE, MAP_FILE, STREAMLINE_FILE)]
         missing = [path.name for path in paths if not path.is_file()]

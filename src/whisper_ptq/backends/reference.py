@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
-from whisper_ptq.engine import HFTranscriber
 from whisper_ptq.recipes import OptionValue, Recipe
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 
 
 class ReferenceBackend(Backend):
@@ -36,7 +33,11 @@ class ReferenceBackend(Backend):
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
-        dtype = DTYPES[recipe.weights]
+        import torch
+
+        from whisper_ptq.engines.hf import HFTranscriber
+
+        dtype = getattr(torch, DTYPES[recipe.weights])
         model = bundle.model.to(device=ctx.device, dtype=dtype)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device, input_dtype=dtype)
         return Quantized(transcriber, model)

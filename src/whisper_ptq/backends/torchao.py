@@ -11,16 +11,24 @@ slow path, ~30x slower than fp32 nn.Linear at 1500 tokens), so int4 recipes run 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from whisper_ptq.backends.base import HEAD, Backend, BuildContext, Param, Quantized, head_info, keep_head_param
-from whisper_ptq.backends.pytorch import targets
-from whisper_ptq.engine import HFTranscriber
+from whisper_ptq.backends.base import (
+    Backend,
+    BuildContext,
+    Param,
+    Quantized,
+    head_info,
+    keep_head_param,
+    targets,
+)
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MODES = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 INT4_GROUP_SIZES = (32, 64, 128)  # what Int4OpaqueTensor packs; all divide 384, the smallest Whisper width
@@ -32,7 +40,7 @@ MODE_FIELDS = {
     "int8-weight-only": ("weight-only", "int8", None, "per-channel", "fp32"),
     "int4-weight-only": ("weight-only", "int4", None, "per-group", "bf16"),
 }
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names
 # What runs in eager mode on CPU (recorded in summary.json): the int8 paths are written for torch.compile,
 # which fuses them into oneDNN int8 GEMMs; eager they are slower than fp32.
 KERNELS = {
@@ -58,7 +66,9 @@ def torchao_config(recipe: Recipe) -> Any:
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:
-    return COMPUTE_DTYPES[str(recipe.option("compute_dtype"))]
+    import torch
+
+    return getattr(torch, COMPUTE_DTYPES[str(recipe.option("compute_dtype"))])
 
 
 def quantize_linears_(model: nn.Module, recipe: Recipe) -> None:
@@ -70,6 +80,7 @@ def quantize_linears_(model: nn.Module, recipe: Recipe) -> None:
 
 def quantized_weights(model: nn.Module) -> dict[str, str]:
     """Linear name -> torchao tensor subclass of its weight (layers torchao skipped are absent)."""
+    from torch import nn
     from torchao.utils import TorchAOBaseTensor
 
     return {
@@ -138,6 +149,8 @@ class TorchaoBackend(Backend):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
         # The saved tensors are the quantized subclasses themselves; assign=True puts them in place of the
         # full-precision parameters (copying into those would dequantize them).
+        import torch
+
         model = self._base_model(bundle, recipe, ctx)
         state = torch.load(saved_dir / "model.pt", map_location=ctx.device, weights_only=True)
         model.load_state_dict(state, assign=True)
@@ -148,6 +161,8 @@ class TorchaoBackend(Backend):
         return bundle.model.to(ctx.device, compute_dtype(recipe)).eval()
 
     def _quantized(self, model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+        from whisper_ptq.engines.hf import HFTranscriber
+
         weights = quantized_weights(model)
         info = {
             "config": type(torchao_config(recipe)).__name__,

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from whisper_ptq.evaluate import Settings, UtteranceResult
 from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.rows import UtteranceResult
+from whisper_ptq.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from whisper_ptq.errors import UserError
+from whisper_ptq.errors import UserError, one_line
 from whisper_ptq.executors.jobs import Event, Failed, Job
-from whisper_ptq.executors.worker import one_line, run_job
+from whisper_ptq.executors.worker import run_job
 
 try:
     import ray

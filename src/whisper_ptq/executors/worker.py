@@ -15,16 +15,17 @@ from collections.abc import Callable
 from typing import TextIO
 
 from whisper_ptq.data import open_dataset
-from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Session, environment, peak_rss_bytes
+from whisper_ptq.errors import one_line
+from whisper_ptq.evaluation import Session, run_environment
 from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Rows, encode_event
+from whisper_ptq.results.environment import peak_rss_bytes
 
 
 def run_job(job: Job, emit: Callable[[Event], None]) -> None:
     """Quantize once, then transcribe each part's utterances, emitting every batch as it ends."""
     datasets = [open_dataset(part.dataset, job.settings.data_root) for part in job.parts]
     session = Session.open(job.model, job.recipe, job.settings, evaluated=datasets)
-    emit(Opened(job.index, {**session.info, **environment()}))  # the machine it ran on, for the report
+    emit(Opened(job.index, {**session.info, **run_environment()}))  # the machine it ran on, for the report
     for part, dataset in zip(job.parts, datasets, strict=True):
         done = {u.id for u in dataset.utterances} - set(part.todo)
         session.evaluate(
@@ -35,13 +36,6 @@ def run_job(job: Job, emit: Callable[[Event], None]) -> None:
             progress=False,  # the driver draws the bars from the events
         )
         emit(Finished(job.index, part.dataset, {"peak_rss_bytes": peak_rss_bytes()}))
-
-
-def one_line(exc: BaseException) -> str:
-    """A user error as its message; anything else with its type, since that is often the only clue."""
-    lines = str(exc).strip().splitlines()
-    message = lines[0] if lines else ""
-    return message if isinstance(exc, UserError) else f"{type(exc).__name__}: {message}".rstrip(": ")
 
 
 def _protocol_stream() -> TextIO:

@@ -1,7 +1,7 @@
 """One evaluation: a (model, recipe) prepared once, then scored on one or more datasets.
 
 Where each reported number comes from:
-- WER / CER: `metrics.corpus_rates` over the per-utterance rows (`summarize`).
+- WER / CER: `results.metrics.corpus_rates` over the per-utterance rows (`results.rows.summarize`).
 - RTF: sum of the timed region (feature extraction + generate + decoding; after an untimed warm-up batch of
   one second of speech; model load and audio decoding excluded) over the sum of audio durations.
 - size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
@@ -11,138 +11,35 @@ Where each reported number comes from:
 
 from __future__ import annotations
 
-import json
-import platform
-import resource
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for
+from whisper_ptq.backends import BuildContext, Quantized, backend_for, library_packages
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
-from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset
-from whisper_ptq.engine import set_threads
+from whisper_ptq.data import SAMPLE_RATE, Dataset
+from whisper_ptq.data.datasets import calibration_dataset
+from whisper_ptq.engines import set_threads
 from whisper_ptq.errors import UserError
-from whisper_ptq.metrics import corpus_rates, score_utterance
-from whisper_ptq.models import WhisperBundle, load_model, resolve_model
+from whisper_ptq.models.loading import WhisperBundle, load_model
+from whisper_ptq.models.sources import resolve_model
 from whisper_ptq.recipes import Recipe
-
-DEFAULT_CALIBRATION = "librispeech:train-clean-100"
-LIBRARY_PACKAGES = (
-    "torch",
-    "transformers",
-    "optimum-quanto",
-    "hqq",
-    "bitsandbytes",
-    "torchao",
-    "ctranslate2",
-    "jiwer",
-    "whisper-normalizer",
-)
+from whisper_ptq.results.environment import environment, peak_rss_bytes
+from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.settings import Settings
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How to run: everything except what is evaluated."""
-
-    device: str = "cpu"
-    batch_size: int = 1
-    threads: int | None = None
-    data_root: Path | None = None
-    cache_dir: Path | None = None
-    calibration: str = DEFAULT_CALIBRATION
-    calibration_limit: int = 32
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
-        if self.calibration_limit < 1:
-            raise UserError(f"calibration limit must be at least 1, got {self.calibration_limit}")
-
-
-@dataclass(frozen=True)
-class UtteranceResult:
-    id: str
-    reference: str
-    hypothesis: str
-    ref_words: int
-    word_errors: int
-    ref_chars: int
-    char_errors: int
-    audio_seconds: float
-    seconds: float  # this utterance's share of its batch's timed region
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def summarize(rows: Iterable[UtteranceResult]) -> dict[str, float | int]:
-    """The accuracy and speed figures of a set of rows: the one place WER, CER and RTF are computed."""
-    rows = list(rows)
-    scores = [score_utterance(r.reference, r.hypothesis) for r in rows]
-    wer, cer = corpus_rates(scores)
-    audio = sum(r.audio_seconds for r in rows)
-    return {
-        "n_utterances": len(rows),
-        "audio_seconds": audio,
-        "wer": wer,
-        "cer": cer,
-        "rtf": sum(r.seconds for r in rows) / audio if audio else float("nan"),
-    }
-
-
-def environment() -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for package in LIBRARY_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "versions": versions,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def cpu_model() -> str:
-    for line in _cpuinfo():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def cpu_flags() -> list[str]:
-    """The instruction-set flags that decide which quantized kernels run (AVX-512, VNNI, AMX)."""
-    for line in _cpuinfo():
-        if line.startswith("flags"):
-            flags = line.split(":", 1)[1].split()
-            return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-    return []
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def run_environment() -> dict[str, Any]:
+    """The machine, the versions of every quantization library and the CUDA device, recorded with each run."""
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {**environment(library_packages()), "cuda_device": cuda}
 
 
 def serialized_bytes(save: Callable[[Path], None]) -> int:
@@ -155,19 +52,6 @@ def check_runnable(recipe: Recipe, device: str) -> None:
     reason = backend_for(recipe).check(recipe, device)
     if reason:
         raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
-
-
-def calibration_dataset(settings: Settings, evaluated: Iterable[Dataset]) -> Dataset:
-    """The calibration set, refused when it shares any audio with a dataset being evaluated."""
-    calib = open_dataset(settings.calibration, settings.data_root).limit(settings.calibration_limit)
-    calib_audio = {u.audio_path.resolve() for u in calib.utterances}
-    for dataset in evaluated:
-        if calib_audio & {u.audio_path.resolve() for u in dataset.utterances}:
-            raise UserError(
-                f"calibration set {settings.calibration!r} overlaps the evaluation set {dataset.spec!r}: "
-                "calibrating on test data is refused; use e.g. --calibration librispeech:train-clean-100"
-            )
-    return calib
 
 
 class Session:
@@ -277,7 +161,7 @@ class Session:
             audios = [dataset.load_audio(u) for u in batch]
             texts, seconds = self.transcribe_timed(audios)
             new = [
-                _row(u, text, len(audio) / SAMPLE_RATE, seconds / len(batch))
+                UtteranceResult.scored(u.id, u.text, text, len(audio) / SAMPLE_RATE, seconds / len(batch))
                 for u, audio, text in zip(batch, audios, texts, strict=True)
             ]
             if on_rows:
@@ -286,21 +170,6 @@ class Session:
             bar.update(len(batch))
         bar.close()
         return EvalResult(dataset=dataset.spec, rows=rows, info=self.info)
-
-
-def _row(utt: Any, hypothesis: str, audio_seconds: float, seconds: float) -> UtteranceResult:
-    score = score_utterance(utt.text, hypothesis)
-    return UtteranceResult(
-        id=utt.id,
-        reference=utt.text,
-        hypothesis=hypothesis.strip(),
-        ref_words=score.ref_words,
-        word_errors=score.word_errors,
-        ref_chars=score.ref_chars,
-        char_errors=score.char_errors,
-        audio_seconds=audio_seconds,
-        seconds=seconds,
-    )
 
 
 @dataclass
@@ -315,21 +184,8 @@ class EvalResult:
             "dataset": self.dataset,
             **summarize(self.rows),
             "peak_rss_bytes": peak_rss_bytes(),
-            **environment(),
+            **run_environment(),
             "argv": sys.argv,
         }
 
 
-def write_outputs(out_dir: Path, summary: dict[str, Any], rows: Iterable[UtteranceResult]) -> None:
-    """Write utterances.jsonl then summary.json, each through a temp file and rename: an interrupted run
-    never leaves a truncated file, and a summary.json present means its utterances are complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows)
-    _atomic_write(out_dir / "utterances.jsonl", lines)
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

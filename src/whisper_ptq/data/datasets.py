@@ -1,8 +1,7 @@
-"""Named datasets, audio decoding to 16 kHz mono float32, and dataset modifiers (noise).
+"""Named datasets: finding their utterances on disk, and fetching their official archives.
 
-A dataset spec is ``<kind>[:<arg>]`` followed by any number of ``+<modifier>:<params>``, for example
-``librispeech:test-other+noise:snr=10,kind=babble,seed=0``. Kinds live in ``_KINDS`` and modifiers in
-``_MODIFIERS``: adding one touches one entry there.
+A dataset spec (grammar in `specs`) names a kind and its argument, then modifiers (`modifiers`). Kinds live in
+``KINDS``: adding one touches one entry there.
 
 On-disk layout under the data root (see ``resolve_data_root``):
 
@@ -16,26 +15,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import platformdirs
-import soundfile as sf
-import soxr
 from tqdm import tqdm
 
+from whisper_ptq.data.audio import load_audio
+from whisper_ptq.data.modifiers import Modifier, make_modifier
+from whisper_ptq.data.specs import parse_dataset_spec
 from whisper_ptq.errors import UserError
 
-SAMPLE_RATE = 16000
+if TYPE_CHECKING:
+    from whisper_ptq.settings import Settings
 
 # Short enough that an offline machine fails within seconds, long enough for a slow mirror to answer.
 CONNECT_TIMEOUT_S = 5.0
@@ -55,23 +55,11 @@ LIBRISPEECH_MD5 = {
 # The LJ Speech site publishes no checksum; this SHA-256 is the one torchaudio pins for the same URL.
 LJSPEECH_SHA256 = "be1a30453f28eb8dd26af4101ae40cbf2c50413b1bb21936cbcdc6fae3de8aa5"
 
-BABBLE_TALKERS = 4
-
-
 @dataclass(frozen=True)
 class Utterance:
     id: str
     audio_path: Path
     text: str | None  # reference transcript; None for audio-only splits (calibration)
-
-
-class Modifier(Protocol):
-    """A deterministic transformation of an utterance's audio, written after ``+`` in a spec."""
-
-    @property
-    def spec(self) -> str: ...
-
-    def apply(self, audio: np.ndarray, utt: Utterance, pool: Sequence[Utterance]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -110,127 +98,6 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------- audio
-
-
-def load_audio(path: Path | str) -> np.ndarray:
-    """Decode any format libsndfile reads, at any rate and channel count, to 16 kHz mono float32."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio file not found: {path}")
-    try:
-        frames, rate = sf.read(path, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as exc:
-        raise UserError(f"cannot decode audio file {path}: {exc.error_string}") from exc
-    if frames.shape[0] == 0:
-        raise UserError(f"audio file is empty (0 samples): {path}")
-    mono = frames.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------ modifiers
-
-
-def _power(x: np.ndarray) -> float:
-    return float(np.mean(np.square(x, dtype=np.float64)))
-
-
-def _unit_power(x: np.ndarray) -> np.ndarray:
-    power = _power(x)
-    return x / math.sqrt(power) if power > 0 else x
-
-
-def _utterance_rng(seed: int, utt_id: str) -> np.random.Generator:
-    # Python's hash() is salted per process; SHA-256 gives the same stream on every run and machine.
-    digest = hashlib.sha256(f"{seed}\0{utt_id}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-@dataclass(frozen=True)
-class NoiseModifier:
-    """Additive noise at a fixed SNR relative to each utterance's own power."""
-
-    snr_db: float
-    kind: str = "white"
-    seed: int = 0
-
-    KINDS = ("white", "babble")
-    USAGE = "noise:snr=<dB>,kind=white|babble,seed=<int>"
-
-    @property
-    def spec(self) -> str:
-        return f"noise:snr={self.snr_db:g},kind={self.kind},seed={self.seed}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str], spec: str) -> NoiseModifier:
-        unknown = sorted(set(params) - {"snr", "kind", "seed"})
-        if unknown:
-            raise UserError(f"unknown noise parameter {unknown[0]!r} in {spec!r}; expected {cls.USAGE}")
-        if "snr" not in params:
-            raise UserError(f"noise needs snr=<dB> in {spec!r}; expected {cls.USAGE}")
-        try:
-            snr_db = float(params["snr"])
-            seed = int(params.get("seed", "0"))
-        except ValueError as exc:
-            raise UserError(f"bad noise parameter in {spec!r} ({exc}); expected {cls.USAGE}") from exc
-        if not math.isfinite(snr_db):
-            raise UserError(f"noise snr must be a finite number of dB in {spec!r}")
-        kind = params.get("kind", "white")
-        if kind not in cls.KINDS:
-            raise UserError(f"unknown noise kind {kind!r} in {spec!r}; valid kinds: {', '.join(cls.KINDS)}")
-        return cls(snr_db=snr_db, kind=kind, seed=seed)
-
-    def apply(self, audio: np.ndarray, utt: Utterance, pool: Sequence[Utterance]) -> np.ndarray:
-        rng = _utterance_rng(self.seed, utt.id)
-        if self.kind == "white":
-            noise = rng.standard_normal(len(audio))
-        else:
-            noise = self._babble(len(audio), utt, pool, rng)
-        signal_power, noise_power = _power(audio), _power(noise)
-        if signal_power == 0 or noise_power == 0:
-            return audio  # SNR is undefined for silence; leave the audio untouched.
-        scale = math.sqrt(signal_power / (noise_power * 10 ** (self.snr_db / 10)))
-        return (audio + scale * noise).astype(np.float32)
-
-    @staticmethod
-    def _babble(n: int, utt: Utterance, pool: Sequence[Utterance], rng: np.random.Generator) -> np.ndarray:
-        others = [u for u in pool if u.id != utt.id]
-        if not others:
-            raise UserError(f"babble noise needs a dataset with at least 2 utterances (got only {utt.id})")
-        picks = rng.choice(len(others), size=min(BABBLE_TALKERS, len(others)), replace=False)
-        babble = np.zeros(n)
-        for i in picks:
-            talker = load_audio(others[i].audio_path).astype(np.float64)
-            # Start each talker at a random point and loop it, so short talkers still cover the utterance.
-            start = int(rng.integers(len(talker)))
-            babble += _unit_power(np.resize(np.roll(talker, -start), n))
-        return babble
-
-
-@dataclass(frozen=True)
-class _ModifierKind:
-    usage: str
-    parse: Callable[[dict[str, str], str], Modifier]  # (params, spec) -> modifier
-
-
-_MODIFIERS: dict[str, _ModifierKind] = {
-    "noise": _ModifierKind(NoiseModifier.USAGE, NoiseModifier.from_params),
-}
-
-
-def _parse_modifier(text: str, spec: str) -> Modifier:
-    name, _, body = text.partition(":")
-    if name not in _MODIFIERS:
-        usages = ", ".join(m.usage for m in _MODIFIERS.values())
-        raise UserError(f"unknown dataset modifier {name!r} in {spec!r}; valid modifiers: {usages}")
-    params: dict[str, str] = {}
-    for item in filter(None, body.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value or key in params:
-            raise UserError(f"bad modifier parameter {item!r} in {spec!r}; expected key=value, once each")
-        params[key] = value
-    return _MODIFIERS[name].parse(params, spec)
 
 
 # ------------------------------------------------------------------------------------------- kinds
@@ -366,7 +233,7 @@ def _ljspeech_archive(arg: str, spec: str) -> _Archive:
     return _Archive(LJSPEECH_URL, "sha256", LJSPEECH_SHA256, member="LJSpeech-1.1", dest="ljspeech")
 
 
-_KINDS: dict[str, _Kind] = {
+KINDS: dict[str, _Kind] = {
     "librispeech": _Kind("librispeech:<split>", "split", _scan_librispeech, _librispeech_archive),
     "ljspeech": _Kind("ljspeech", None, _scan_ljspeech, _ljspeech_archive),
     "manifest": _Kind("manifest:<file.jsonl>", "file.jsonl", _scan_manifest),
@@ -389,15 +256,15 @@ class _Spec:
 
 
 def _parse_spec(spec: str) -> _Spec:
-    base, *mods = spec.strip().split("+")
-    name, _, arg = base.partition(":")
-    kind = _KINDS.get(name)
+    parsed = parse_dataset_spec(spec)
+    kind = KINDS.get(parsed.kind)
     if kind is None:
-        usages = ", ".join(k.usage for k in _KINDS.values())
-        raise UserError(f"unknown dataset kind {name!r} in {spec!r}; valid kinds: {usages}")
-    if bool(arg) != (kind.arg is not None):
+        usages = ", ".join(k.usage for k in KINDS.values())
+        raise UserError(f"unknown dataset kind {parsed.kind!r} in {spec!r}; valid kinds: {usages}")
+    if bool(parsed.arg) != (kind.arg is not None):
         raise UserError(f"bad dataset spec {spec!r}: expected {kind.usage}")
-    return _Spec(kind, base, arg, tuple(_parse_modifier(m, spec) for m in mods))
+    modifiers = tuple(make_modifier(name, params, spec) for name, params in parsed.modifiers)
+    return _Spec(kind, parsed.base, parsed.arg, modifiers)
 
 
 def resolve_data_root(data_root: Path | str | None = None) -> Path:
@@ -419,6 +286,22 @@ def open_dataset(spec: str, data_root: Path | str | None = None) -> Dataset:
         root=folder,
         modifiers=parsed.modifiers,
     )
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+
+def calibration_dataset(settings: Settings, evaluated: Iterable[Dataset]) -> Dataset:
+    """The calibration set, refused when it shares any audio with a dataset being evaluated."""
+    calib = open_dataset(settings.calibration, settings.data_root).limit(settings.calibration_limit)
+    calib_audio = {u.audio_path.resolve() for u in calib.utterances}
+    for dataset in evaluated:
+        if calib_audio & {u.audio_path.resolve() for u in dataset.utterances}:
+            raise UserError(
+                f"calibration set {settings.calibration!r} overlaps the evaluation set {dataset.spec!r}: "
+                "calibrating on test data is refused; use e.g. --calibration librispeech:train-clean-100"
+            )
+    return calib
 
 
 # ------------------------------------------------------------------------------------------- fetching

@@ -1,31 +1,15 @@
-"""Transcription engines: greedy, English, task transcribe, no timestamps, batched.
-
-Every engine implements `Transcriber`, so the evaluator times and scores them all the same way.
-"""
+"""The transformers engine: `WhisperForConditionalGeneration.generate`, quantized in place or not."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from whisper_ptq.data import SAMPLE_RATE
-
-
-class Transcriber(Protocol):
-    """Turns a batch of 16 kHz mono float32 waveforms into text (feature extraction included)."""
-
-    def transcribe(self, audios: list[np.ndarray]) -> list[str]: ...
-
-
-def set_threads(threads: int | None) -> int:
-    """Set intra-op threads (None keeps torch's default) and return the number in force."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
+from whisper_ptq.data.audio import SAMPLE_RATE
 
 
 @dataclass

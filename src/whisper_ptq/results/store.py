@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import UtteranceResult, summarize
 from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.rows import UtteranceResult, summarize
 
+RESULTS_FILE = "results.sqlite"  # the store of a bench, sensitivity or search output dir
 SCHEMA_VERSION = 1  # PRAGMA user_version; also how a whisper-ptq database is told from any other SQLite file
 STATUSES = ("pending", "running", "done", "failed", "skipped")
 # A task that has not ended is "partial" in results(): it resumes on the next run.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from whisper_ptq.metrics import error_rate
+from whisper_ptq.results.metrics import error_rate
 
 
 @dataclass(frozen=True)

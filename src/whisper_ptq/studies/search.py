@@ -22,25 +22,26 @@ must win.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from whisper_ptq.backends import get_recipe
 from whisper_ptq.backends.base import target_linears
 from whisper_ptq.backends.mixed import PlanEntry, all_linears, mixed_recipe
 from whisper_ptq.data import Dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import Settings
-from whisper_ptq.models import load_model
-from whisper_ptq.recipes import Recipe, get_recipe, save_recipe_file
-from whisper_ptq.sensitivity import Group, Measurement, Run, Runner, groups, preload
-from whisper_ptq.stats import paired_rows_test
-from whisper_ptq.store import Store
-from whisper_ptq.sweep import RESULTS_FILE
+from whisper_ptq.files import atomic_write_files
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.recipes import Recipe, save_recipe_file
+from whisper_ptq.report.tables import Table, csv_text, markdown_table
+from whisper_ptq.results.stats import paired_rows_test
+from whisper_ptq.results.store import RESULTS_FILE, Store
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.groups import Group, groups
+from whisper_ptq.studies.runner import Measurement, Run, Runner, preload
 
 # format -> the HQQ recipe it stands for (None: left fp32). keep=none: the head is quantized like any layer.
 FORMATS: dict[str, str | None] = {
@@ -243,10 +244,8 @@ def write_search_report(result: SearchResult, out_dir: Path) -> Path:
     test measurements); returns the Markdown file."""
     # Not Path.with_suffix: the budget's decimal point would be taken for a suffix (b0.4 -> b0.md).
     stem = f"search-{result.spec.model}-b{result.spec.budget:g}"
-    (out_dir / f"{stem}.csv").write_text(_csv(result.tests))
-    markdown = out_dir / f"{stem}.md"
-    markdown.write_text(_markdown(result))
-    return markdown
+    atomic_write_files(out_dir, {f"{stem}.csv": _csv(result.tests), f"{stem}.md": _markdown(result)})
+    return out_dir / f"{stem}.md"
 
 
 def _markdown(r: SearchResult) -> str:
@@ -288,8 +287,7 @@ def _markdown(r: SearchResult) -> str:
 
 
 def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return markdown_table(Table(header, [[str(cell) for cell in row] for row in rows])).split("\n")
 
 
 def _cell_table(cells: Sequence[Cell], formats: Sequence[str]) -> list[str]:
@@ -327,9 +325,6 @@ def _paired(rival: Measurement, mix: Measurement) -> str:
 
 
 def _csv(tests: Sequence[Measurement]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["recipe", "dataset", "n_utterances", "size_bytes", "size_fraction", "wer", "cer"])
-    for m in tests:
-        writer.writerow([m.run.label, m.dataset, m.n_utterances, m.size_bytes, m.size_fraction, m.wer, m.cer])
-    return buffer.getvalue()
+    headers = ["recipe", "dataset", "n_utterances", "size_bytes", "size_fraction", "wer", "cer"]
+    rows = [[m.run.label, m.dataset, m.n_utterances, m.size_bytes, m.size_fraction, m.wer, m.cer] for m in tests]
+    return csv_text(headers, rows)

@@ -9,13 +9,9 @@ re-run into the same directory resumes an interrupted sweep and a finished one c
 
 from __future__ import annotations
 
-import difflib
-import re
 import sys
-import tomllib
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,199 +19,20 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from whisper_ptq.backends import backend_for
-from whisper_ptq.data import NoiseModifier, open_dataset
+from whisper_ptq.backends import backend_for, get_recipe, library_packages
+from whisper_ptq.data import open_dataset
+from whisper_ptq.data.datasets import calibration_dataset
+from whisper_ptq.data.specs import dataset_label
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluate import (
-    DEFAULT_CALIBRATION,
-    Settings,
-    UtteranceResult,
-    calibration_dataset,
-    environment,
-    summarize,
-)
 from whisper_ptq.executors import make_executor
 from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows
-from whisper_ptq.models import resolve_model
-from whisper_ptq.recipes import Recipe, get_recipe
-from whisper_ptq.store import Store
-
-RESULTS_FILE = "results.sqlite"
-DEFAULT_EXPERIMENT = "paper"
-
-# ---------------------------------------------------------------------------------------------- experiments
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """What a sweep evaluates and how; `config()` is its identity in the results database."""
-
-    name: str
-    recipes: tuple[str, ...]
-    datasets: tuple[str, ...]
-    models: tuple[str, ...] = ("base",)
-    snrs: tuple[float, ...] = ()  # each dataset is also evaluated with noise at each of these SNRs (dB)
-    noise: str = "white"
-    noise_seed: int = 0
-    limit: int | None = None
-    batch_size: int = 1
-    threads: int | None = None
-    device: str = "cpu"
-    calibration: str = DEFAULT_CALIBRATION
-    calibration_limit: int = 32
-    source: str = field(default="", compare=False)  # the file or preset it came from, for error messages
-
-    def config(self) -> dict[str, Any]:
-        config = asdict(self)
-        del config["source"]  # where it was read from does not change what it is
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], source: str = "") -> Experiment:
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
-        return cls(**values, source=source)
-
-    def dataset_specs(self) -> list[str]:
-        """Every dataset as listed, each followed by its noisy variants."""
-        return [
-            variant
-            for spec in self.datasets
-            for variant in (
-                spec,
-                *(f"{spec}+noise:snr={snr:g},kind={self.noise},seed={self.noise_seed}" for snr in self.snrs),
-            )
-        ]
-
-    def settings(self, data_root: Path | None, cache_dir: Path | None) -> Settings:
-        return Settings(
-            device=self.device,
-            batch_size=self.batch_size,
-            threads=self.threads,
-            data_root=data_root,
-            cache_dir=cache_dir,
-            calibration=self.calibration,
-            calibration_limit=self.calibration_limit,
-            progress=False,  # workers draw no bars: the driver draws them from the events
-        )
-
-
-@dataclass(frozen=True)
-class _Key:
-    """What an experiment file's key must hold."""
-
-    expected: str
-    valid: Callable[[Any], bool]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # TOML `true` is not a count
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v.strip() for v in value)
-
-
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-_STRING = _Key("a string", lambda v: isinstance(v, str) and bool(v.strip()))
-_STRINGS = _Key("a non-empty list of strings", _strings)
-_COUNT = _Key("a positive integer", lambda v: _is_int(v) and v >= 1)
-KEYS: dict[str, _Key] = {
-    # The name becomes the default output dir runs/<name>, so it must be one plain path component.
-    "name": _Key("letters, digits, '.', '_' or '-'", lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None),
-    "models": _STRINGS,
-    "recipes": _STRINGS,
-    "datasets": _STRINGS,
-    "snrs": _Key(
-        "a list of numbers (dB)", lambda v: isinstance(v, list) and all(_is_int(x) or isinstance(x, float) for x in v)
-    ),
-    "noise": _Key(" or ".join(f'"{k}"' for k in NoiseModifier.KINDS), lambda v: v in NoiseModifier.KINDS),
-    "noise_seed": _Key("an integer", _is_int),
-    "limit": _COUNT,
-    "batch_size": _COUNT,
-    "threads": _COUNT,
-    "device": _Key('"cpu", "cuda" or "cuda:<N>"', lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),
-    "calibration": _STRING,
-    "calibration_limit": _COUNT,
-}
-REQUIRED = ("recipes", "datasets")
-
-
-def presets() -> dict[str, Path]:
-    folder = resources.files("whisper_ptq") / "presets"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
-
-
-def load_experiment(name_or_path: str) -> Experiment:
-    """A preset by name, or an experiment file by path."""
-    known = presets()
-    if name_or_path in known:
-        return parse_experiment(known[name_or_path].read_text(), f"preset {name_or_path!r}", name_or_path)
-    path = Path(name_or_path).expanduser()
-    if path.suffix != ".toml" and not path.exists():
-        raise UserError(
-            f"unknown experiment {name_or_path!r}: presets are {', '.join(sorted(known))}, or give a .toml file"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read experiment file {path}: {exc.strerror}") from None
-    return parse_experiment(text, str(path), path.stem)
-
-
-def parse_experiment(text: str, source: str, default_name: str) -> Experiment:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{source}: invalid TOML: {exc}") from None  # the message names line and column
-    for key, value in data.items():
-        where = _where(source, text, key)
-        if key not in KEYS:
-            close = difflib.get_close_matches(key, KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
-            raise UserError(f"{where}: unknown key {key!r}{hint}")
-        if not KEYS[key].valid(value):
-            raise UserError(f"{where}: {key!r} must be {KEYS[key].expected}, got {value!r}")
-    missing = [key for key in REQUIRED if key not in data]
-    if missing:
-        raise UserError(f"{source}: missing key {missing[0]!r} ({KEYS[missing[0]].expected})")
-    return Experiment.from_config({"name": default_name, **data}, source)
-
-
-def _where(source: str, text: str, key: str) -> str:
-    """`source:line` of the key's first assignment; tomllib reports positions only for syntax errors."""
-    match = re.search(rf"^\s*{re.escape(key)}\s*=", text, re.MULTILINE)
-    return f"{source}:{text.count(chr(10), 0, match.start()) + 1}" if match else source
-
-
-def select_experiment(
-    name_or_path: str | None, out: Path | None, resume: bool, limit: int | None
-) -> tuple[Experiment, Path]:
-    """The experiment and output dir of a bench command. With `resume` and no experiment named, the one
-    stored in the output dir is continued; with `resume`, a dir holding no results is an error."""
-    if resume and name_or_path is None:
-        out = out or Path("runs") / DEFAULT_EXPERIMENT
-        experiment = stored_experiment(out)
-    else:
-        experiment = load_experiment(name_or_path or DEFAULT_EXPERIMENT)
-        out = out or Path("runs") / experiment.name
-        if resume and not (out / RESULTS_FILE).exists():
-            raise UserError(f"nothing to resume: {out} holds no {RESULTS_FILE}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output directory {out} exists and is a file")
-    return (replace(experiment, limit=limit) if limit is not None else experiment), out
-
-
-def stored_experiment(out: Path) -> Experiment:
-    with Store.open(out / RESULTS_FILE) as store:
-        return Experiment.from_config(store.experiment.config, str(out / RESULTS_FILE))
-
-
-def stored_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The experiment config and the results an output dir holds (the report's input)."""
-    with Store.open(out / RESULTS_FILE) as store:
-        return store.experiment.config, store.results()
-
+from whisper_ptq.models.sources import resolve_model
+from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.environment import environment
+from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.store import RESULTS_FILE, Store
+from whisper_ptq.settings import Settings
+from whisper_ptq.studies.experiment import Experiment
 
 # ---------------------------------------------------------------------------------------------- planning
 
@@ -268,7 +85,7 @@ def _unique(items: Sequence[str], what: str) -> Sequence[str]:
 def _baseline_first(recipes: list[Recipe]) -> list[Recipe]:
     # The report and the terminal table compare every recipe with the fp32 reference; running it first
     # also gives the earliest useful partial result.
-    return sorted(recipes, key=lambda r: not (r.scheme == "reference" and r.weights == "fp32"))
+    return sorted(recipes, key=lambda r: not r.is_baseline)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -301,7 +118,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
         # The driver's machine and settings; each task's info also carries its worker's own environment.
         env_id = store.record_environment(
             {
-                **environment(),
+                **environment(library_packages()),
                 "device": settings.device,
                 "threads": settings.threads,  # None: each library's default
                 "batch_size": settings.batch_size,
@@ -404,7 +221,7 @@ class _Recorder:
             self.task_bar_key = (job, dataset)
             self.task_bar = tqdm(
                 total=self.todo[job, dataset],
-                desc=f"{self.labels[job]} {_label(dataset)}",
+                desc=f"{self.labels[job]} {dataset_label(dataset)}",
                 unit="utt",
                 position=1,
                 leave=False,
@@ -434,7 +251,7 @@ def print_summary(results: list[dict[str, Any]], console: Console | None = None)
     for result in results:
         systems.setdefault((result["model"], result["recipe"]), []).append(result)
     table = Table(title="whisper-ptq bench")
-    for column in [*(["model"] if len(models) > 1 else []), "recipe", *(f"WER {_label(d)}" for d in datasets)]:
+    for column in [*(["model"] if len(models) > 1 else []), "recipe", *(f"WER {dataset_label(d)}" for d in datasets)]:
         table.add_column(column)
     table.add_column("RTF", justify="right")
     table.add_column("size red.", justify="right")
@@ -453,13 +270,6 @@ def print_summary(results: list[dict[str, Any]], console: Console | None = None)
         )
     # Not narrower than 120 columns: a pipe or a small terminal would otherwise cut recipe names.
     (console or Console(width=max(120, Console().width))).print(table)
-
-
-def _label(spec: str) -> str:
-    """`librispeech:test-other+noise:snr=10,...` -> `test-other snr=10`: the split and each modifier's
-    first parameter, short enough for a column header."""
-    base, *modifiers = spec.split("+")
-    return " ".join([base.split(":", 1)[-1], *(m.split(":", 1)[-1].split(",")[0] for m in modifiers)])
 
 
 def _number(value: float | None, spec: str, suffix: str = "") -> str:

