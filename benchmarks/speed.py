@@ -4,12 +4,12 @@
         --data-root ../shared/data --batch-sizes 1 8 --repeats 3 --threads 2 --json speed.json
 
 What it measures, per recipe and batch size, on the same preloaded audio:
-- RTF: transcription time (feature extraction + generate + decode, as `Session.transcribe_timed` times it)
+- RTF: transcription time (feature extraction + generate + decode, as `Quantized.transcribe_timed` times it)
   over audio duration. The recipes are interleaved batch by batch (A B A B ...), so drift hits all alike;
   each repeat gives one RTF per recipe, and its ratio to the first recipe (the baseline) is taken within that
   repeat. min / median / max over the repeats.
 - WER of the first repeat's hypotheses, and how many hypotheses differ between batch sizes.
-- evaluator overhead: wall time of `Session.evaluate` (audio decoding, warm-up batch, scoring included) over
+- evaluator overhead: wall time of `Quantized.evaluate` (audio decoding, warm-up batch, scoring included) over
   a bare loop of `transcriber.transcribe` on preloaded audio, the two interleaved, median ratio.
 - peak memory: the peak RSS of a fresh process that only opens the recipe's session (load, quantize,
   compile) and transcribes one batch of the largest size; each recipe in its own process.
@@ -31,7 +31,7 @@ import numpy as np
 
 from whisper_ptq.backends import get_recipe
 from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset
-from whisper_ptq.evaluation import Session
+from whisper_ptq.evaluation import Quantized
 from whisper_ptq.results.environment import cpu_model, peak_rss_bytes
 from whisper_ptq.results.metrics import corpus_rates, score_utterance
 from whisper_ptq.settings import Settings
@@ -66,22 +66,24 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def open_sessions(args: argparse.Namespace, settings: Settings) -> dict[str, Session]:
+def open_sessions(args: argparse.Namespace, settings: Settings) -> dict[str, Quantized]:
     sessions = {}
     for name in args.recipes:
         start = time.perf_counter()
-        sessions[name] = Session.open(args.model, get_recipe(name), settings)
+        sessions[name] = Quantized.build(args.model, get_recipe(name), settings)
         print(f"opened {name} in {time.perf_counter() - start:.1f} s", flush=True)
     return sessions
 
 
-def warm_up(sessions: dict[str, Session], audios: list[np.ndarray], sizes: list[int]) -> None:
+def warm_up(sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int]) -> None:
     for session in sessions.values():
         for size in sizes:
             session.transcribe_timed(audios[:size])
 
 
-def time_interleaved(sessions: dict[str, Session], audios: list[np.ndarray], sizes: list[int], repeats: int) -> Timings:
+def time_interleaved(
+    sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int], repeats: int
+) -> Timings:
     """Every batch is transcribed by every recipe in turn before the next batch starts."""
     timings = Timings()
     for repeat in range(repeats):
@@ -134,13 +136,13 @@ def batch_consistency(timings: Timings, names: list[str], sizes: list[int]) -> d
     }
 
 
-def evaluator_overhead(session: Session, dataset: Dataset, audios: list[np.ndarray], size: int, repeats: int) -> dict:
-    """Wall time of `Session.evaluate` over that of a bare transcribe loop on preloaded audio, interleaved."""
-    transcriber = session.quantized.transcriber
+def evaluator_overhead(session: Quantized, dataset: Dataset, audios: list[np.ndarray], size: int, repeats: int) -> dict:
+    """Wall time of `Quantized.evaluate` over that of a bare transcribe loop on preloaded audio, interleaved."""
+    transcriber = session.built.transcriber
     ratios, evaluate_s, bare_s = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.evaluate(dataset, size, progress=False)
+        session.evaluate(dataset, batch_size=size, progress=False)
         evaluate_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         for batch in batches(audios, size):
@@ -151,7 +153,7 @@ def evaluator_overhead(session: Session, dataset: Dataset, audios: list[np.ndarr
 
 
 def _peak_memory_child(queue: Any, model: str, recipe: str, settings: Settings, audios: list[np.ndarray]) -> None:
-    session = Session.open(model, get_recipe(recipe), settings)
+    session = Quantized.build(model, get_recipe(recipe), settings)
     session.transcribe_timed(audios)
     queue.put(peak_rss_bytes())
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.base import linear_bits_per_weight, linear_layers
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
@@ -38,7 +38,7 @@ def bundle(model_cache: Path) -> WhisperBundle:
     return load_model("tiny.en", model_cache)
 
 
-def quantize(bundle: WhisperBundle, name: str) -> tuple[Recipe, Quantized]:
+def quantize(bundle: WhisperBundle, name: str) -> tuple[Recipe, Built]:
     recipe = get_recipe(name)
     return recipe, backend_for(recipe).quantize(bundle, recipe, BuildContext())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.data import open_dataset
 from whisper_ptq.engines.ct2 import CT2Transcriber
 from whisper_ptq.engines.hf import HFTranscriber
@@ -40,18 +40,18 @@ def utterances(shared_data: Path) -> tuple[list[np.ndarray], list[str]]:
     return [dataset.load_audio(u) for u in chosen], [u.text for u in chosen]
 
 
-def convert(bundle: WhisperBundle, name: str) -> tuple[Recipe, Quantized]:
+def convert(bundle: WhisperBundle, name: str) -> tuple[Recipe, Built]:
     recipe = get_recipe(name)
     return recipe, backend_for(recipe).quantize(bundle, recipe, BuildContext())
 
 
 @pytest.fixture(scope="module")
-def float32(bundle: WhisperBundle) -> tuple[Recipe, Quantized]:
+def float32(bundle: WhisperBundle) -> tuple[Recipe, Built]:
     return convert(bundle, "ct2-float32")
 
 
 @pytest.fixture(scope="module")
-def int8(bundle: WhisperBundle) -> tuple[Recipe, Quantized]:
+def int8(bundle: WhisperBundle) -> tuple[Recipe, Built]:
     return convert(bundle, "ct2-int8")
 
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.data import open_dataset
 from whisper_ptq.engines.fast import Int8Linear, keep_rows, quantize_rows
 from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluation import Session
+from whisper_ptq.evaluation import Quantized
 from whisper_ptq.models.loading import load_model
 from whisper_ptq.results.metrics import corpus_rates, score_utterance
 from whisper_ptq.settings import Settings
@@ -39,7 +39,7 @@ def fp32_texts(model_cache: Path, utterances) -> list[str]:
     return [HFTranscriber(bundle.model, bundle.processor).transcribe([a])[0] for a in utterances[0]]
 
 
-def quantize(text: str, cache: Path) -> Quantized:
+def quantize(text: str, cache: Path) -> Built:
     r = get_recipe(text)
     assert backend_for(r).check(r, "cpu") is None
     return backend_for(r).quantize(load_model("tiny.en", cache), r, BuildContext())
@@ -90,7 +90,7 @@ def test_int8_engine_is_close_to_fp32_and_batch_invariant(model_cache: Path, utt
 
 
 def test_knobs_are_recorded_in_the_session_info(model_cache: Path) -> None:
-    session = Session.open("tiny.en", get_recipe(EAGER_INT8), Settings(cache_dir=model_cache, threads=1))
+    session = Quantized.build("tiny.en", get_recipe(EAGER_INT8), Settings(cache_dir=model_cache, threads=1))
     info = session.info
     assert info["engine"].startswith("whisper_ptq.engines.fast") and info["compiled"] is False
     # tiny.en: 4 encoder + 4 decoder layers; the first encoder layer's fused q/k/v and out stay fp32

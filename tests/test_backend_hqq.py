@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight
 from whisper_ptq.backends.hqq import hqq_linear, quant_config
 from whisper_ptq.data import open_dataset
@@ -30,7 +30,7 @@ def utterances(shared_data: Path) -> tuple[list[np.ndarray], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def int4(model_cache: Path, utterances) -> tuple[Quantized, list[str], int]:
+def int4(model_cache: Path, utterances) -> tuple[Built, list[str], int]:
     """hqq-int4 on tiny.en, its transcripts and the fp32 parameter bytes (quantized and run once: slow)."""
     bundle = load_model("tiny.en", model_cache)
     fp32_bytes = sum(p.numel() * 4 for p in bundle.model.parameters())

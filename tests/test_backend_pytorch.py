@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes
 from whisper_ptq.backends.layers import StaticInputLinear
 from whisper_ptq.data import open_dataset
@@ -35,7 +35,7 @@ def calibration(shared_data: Path) -> BuildContext:
     return BuildContext(calibration=lambda: audios, calibration_spec=dataset.spec)
 
 
-def quantize(name: str, cache: Path, ctx: BuildContext | None = None) -> Quantized:
+def quantize(name: str, cache: Path, ctx: BuildContext | None = None) -> Built:
     recipe = get_recipe(name)
     assert backend_for(recipe).check(recipe, "cpu") is None
     return backend_for(recipe).quantize(load_model("tiny.en", cache), recipe, ctx or BuildContext())
@@ -54,7 +54,7 @@ def fp32_and_int8_bytes(model: torch.nn.Module, head_quantized: bool) -> tuple[i
     return fp32, fp32 - 3 * linear + (head if head_quantized else 0)
 
 
-def saved_and_reloaded(quantized: Quantized, name: str, tmp_path: Path, cache: Path) -> tuple[int, Quantized]:
+def saved_and_reloaded(quantized: Built, name: str, tmp_path: Path, cache: Path) -> tuple[int, Built]:
     recipe = get_recipe(name)
     backend = backend_for(recipe)
     backend.save(quantized, tmp_path)

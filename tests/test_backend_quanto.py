@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
@@ -45,7 +45,7 @@ def calibration(shared_data: Path) -> BuildContext:
 
 
 @pytest.fixture(scope="module")
-def static(model_cache: Path, calibration: BuildContext, utterances) -> tuple[Quantized, list[str]]:
+def static(model_cache: Path, calibration: BuildContext, utterances) -> tuple[Built, list[str]]:
     """The static recipe with its head quantized, and its transcripts (quantized and run once: slow)."""
     recipe = get_recipe(STATIC_WITH_HEAD)
     quantized = backend_for(recipe).quantize(load_model("tiny.en", model_cache), recipe, calibration)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, get_recipe
+from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.base import directory_bytes
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
@@ -29,7 +29,7 @@ def utterances(shared_data: Path) -> tuple[list[np.ndarray], list[str]]:
     return [dataset.load_audio(u) for u in chosen], [u.text for u in chosen]
 
 
-def quantize(name: str, cache: Path) -> Quantized:
+def quantize(name: str, cache: Path) -> Built:
     recipe = get_recipe(name)
     assert backend_for(recipe).check(recipe, "cpu") is None
     return backend_for(recipe).quantize(load_model("tiny.en", cache), recipe, BuildContext())

@@ -21,7 +21,8 @@ from whisper_ptq.backends import get_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.evaluation import Session, check_runnable
+from whisper_ptq.evaluation import Quantized
+from whisper_ptq.preflight import check_runnable
 from whisper_ptq.results.rows import summarize
 from whisper_ptq.settings import Settings
 from whisper_ptq.studies.experiment import load_experiment
@@ -89,7 +90,7 @@ def test_cuda_timing_waits_for_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     transcriber = SimpleNamespace(transcribe=lambda audios: ["text"] * len(audios))
     for device, expected_calls in (("cuda", 1), ("cuda:0", 2), ("cpu", 2)):
-        session = Session(None, None, SimpleNamespace(transcriber=transcriber), {"device": device})
+        session = Quantized(None, None, SimpleNamespace(transcriber=transcriber), Settings(), {"device": device})
         texts, seconds = session.transcribe_timed([None, None])
         assert texts == ["text", "text"] and len(calls) == expected_calls
         if device.startswith("cuda"):
@@ -101,8 +102,8 @@ def test_cuda_timing_waits_for_the_gpu(monkeypatch):
 
 def run(recipe: str, device: str, dataset, cache: Path):
     settings = Settings(device=device, batch_size=UTTERANCES, cache_dir=cache)
-    session = Session.open(MODEL, get_recipe(recipe), settings, [dataset])
-    result = session.evaluate(dataset, batch_size=settings.batch_size, progress=False)
+    session = Quantized.build(MODEL, get_recipe(recipe), settings, [dataset])
+    result = session.evaluate(dataset, progress=False)
     return session, result
 
 
@@ -111,7 +112,7 @@ def test_fp32_on_cuda_agrees_with_cpu(clean, model_cache):
     _, cpu = run("fp32", "cpu", clean, model_cache)
     session, cuda = run("fp32", "cuda", clean, model_cache)
     assert session.info["device"] == "cuda" and session.info["batch_size"] == UTTERANCES
-    assert next(session.quantized.model.parameters()).device.type == "cuda"
+    assert next(session.built.model.parameters()).device.type == "cuda"
     # cuDNN may run the encoder's convolutions in TF32, so allow one word of difference, no more.
     cpu_errors = sum(r.word_errors for r in cpu.rows)
     assert abs(sum(r.word_errors for r in cuda.rows) - cpu_errors) <= 1, [r.hypothesis for r in cuda.rows]
@@ -122,7 +123,7 @@ def test_fp32_on_cuda_agrees_with_cpu(clean, model_cache):
 @pytest.mark.parametrize("recipe", GPU_RECIPES)
 def test_gpu_recipe_runs_on_cuda(recipe, clean, model_cache):
     session, result = run(recipe, "cuda", clean, model_cache)
-    model = session.quantized.model
+    model = session.built.model
     on_cpu = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
     assert not on_cpu, f"{recipe}: left on the CPU: {on_cpu[:5]}"
     summary = summarize(result.rows)

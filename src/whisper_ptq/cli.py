@@ -1,18 +1,33 @@
-"""Command line: parsing only; every command delegates to the module that owns the work."""
+"""Command line: parsing only; every command delegates to the module that owns the work.
+
+Each command first checks what it can without the model stack (recipe, dataset, model spec, output folder),
+then imports torch and friends only when a model is really needed: `list`, `report` and every input error
+answer in well under two seconds (`benchmarks/cli_latency.py` measures it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from whisper_ptq import __version__
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors import EXECUTORS
 
+if TYPE_CHECKING:
+    from whisper_ptq.settings import Settings
+
 Command = Callable[[argparse.Namespace], int]
+EVAL_RUNS = Path("runs/eval")
+
+
+# ------------------------------------------------------------------------------------------------ options
 
 
 def _positive_int(text: str) -> int:
@@ -25,23 +40,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="utterances per generate call")
-    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--data-root", type=Path, default=None, help="data root (else $WHISPER_PTQ_DATA)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (else $WHISPER_PTQ_CACHE)")
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="calibration dataset for static recipes (default librispeech:train-clean-100)",
-    )
-    p.add_argument("--calibration-limit", type=_positive_int, default=32, help="calibration utterances")
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", type=Path, help="data root holding the datasets (else $WHISPER_PTQ_DATA)")
+    p.add_argument("--cache-dir", type=Path, help="model cache (else $WHISPER_PTQ_CACHE, else the user cache dir)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _settings(args: argparse.Namespace):
-    from whisper_ptq.settings import DEFAULT_CALIBRATION, Settings
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from whisper_ptq.settings import DEFAULT_CALIBRATION
+
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="utterances transcribed per call")
+    p.add_argument("--threads", type=_positive_int, help="intra-op CPU threads (default: the library's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--calibration", default=DEFAULT_CALIBRATION, help="calibration dataset of static recipes (audio only)"
+    )
+    p.add_argument("--calibration-limit", type=_positive_int, default=32, help="calibration utterances")
+    _add_data_options(p)
+
+
+def _add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="base",
+        help="packaged name (base, tiny.en), hub id (openai/whisper-small), or a local transformers, "
+        "CTranslate2 or export folder",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from whisper_ptq.settings import Settings
 
     return Settings(
         device=args.device,
@@ -49,7 +77,7 @@ def _settings(args: argparse.Namespace):
         threads=args.threads,
         data_root=args.data_root,
         cache_dir=args.cache_dir,
-        calibration=args.calibration or DEFAULT_CALIBRATION,
+        calibration=args.calibration,
         calibration_limit=args.calibration_limit,
         progress=not args.no_progress,
     )
@@ -60,31 +88,54 @@ def _check_out_dir(out: Path) -> None:
         raise UserError(f"output directory {out} exists and is a file")
 
 
+def _fresh_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3...: the first that does not exist yet, so no run overwrites another."""
+    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "run"
+    candidate, n = parent / stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"{stem}-{n}"
+    return candidate
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from whisper_ptq.backends import get_recipe
     from whisper_ptq.data import open_dataset
-    from whisper_ptq.evaluation import Session
-    from whisper_ptq.export import is_export_dir
-    from whisper_ptq.results.outputs import write_outputs
+    from whisper_ptq.data.specs import dataset_label
+    from whisper_ptq.export import export_recipe, is_export_dir
+    from whisper_ptq.preflight import check_runnable, preflight
 
     settings = _settings(args)
-    _check_out_dir(args.out)
     exported = is_export_dir(args.model)
     if exported and args.recipe is not None:
         raise UserError(f"--recipe is not allowed with an exported model: {args.model} carries its recipe")
-    recipe = None if exported else get_recipe(args.recipe or "fp32")
+    recipe = export_recipe(args.model) if exported else get_recipe(args.recipe or "fp32")
     dataset = open_dataset(args.dataset, settings.data_root).limit(args.limit)
-    if recipe is None:
-        session = Session.from_export(Path(args.model), settings)
+    if exported:
+        check_runnable(recipe, settings.device)
     else:
-        session = Session.open(args.model, recipe, settings, evaluated=[dataset])
-    result = session.evaluate(dataset, settings.batch_size, progress=settings.progress)
+        preflight(args.model, recipe, settings, [dataset])
+    model_name = Path(args.model).name if exported else args.model
+    out = args.out or _fresh_dir(EVAL_RUNS, f"{model_name}-{recipe.name}-{dataset_label(dataset.spec)}")
+    _check_out_dir(out)
+
+    from whisper_ptq.evaluation import Quantized  # the model stack, now that everything else is known good
+    from whisper_ptq.results.outputs import write_outputs
+
+    if exported:
+        quantized = Quantized.from_export(Path(args.model), settings)
+    else:
+        quantized = Quantized.build(args.model, recipe, settings, evaluated=[dataset])
+    result = quantized.evaluate(dataset, progress=settings.progress)
     summary = result.summary()
-    write_outputs(args.out, summary, result.rows)
+    write_outputs(out, summary, result.rows)
     print(
         f"{summary['model']} {summary['recipe']} {summary['dataset']}: n={summary['n_utterances']} "
         f"WER {summary['wer']:.2f}% CER {summary['cer']:.2f}% RTF {summary['rtf']:.3f} "
-        f"size {summary['size_bytes'] / 1e6:.1f} MB ({100 * summary['size_reduction']:.0f}% smaller) -> {args.out}"
+        f"size {summary['size_bytes'] / 1e6:.1f} MB ({100 * summary['size_reduction']:.0f}% smaller) -> {out}"
     )
     return 0
 
@@ -116,27 +167,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"whisper-ptq recipes (runnable on {args.device})")
-    for column in ("name", "library", "scheme", "description", "runnable here"):
-        table.add_column(column, overflow="fold")
+    runnable = sum(row["runnable"] for row in rows)
+    table = Table(title=f"whisper-ptq recipes: {runnable} of {len(rows)} run on this machine's {args.device}")
+    table.add_column("name", no_wrap=True)  # a recipe name is typed back: never split it
+    table.add_column("library", no_wrap=True)
+    table.add_column("scheme", no_wrap=True)
+    table.add_column("description", overflow="fold", ratio=3)
+    table.add_column(f"runs here ({args.device})", overflow="fold", ratio=2)
     for row in rows:
-        runnable = "yes" if row["runnable"] else f"no: {row['reason']}"
-        table.add_row(row["name"], row["library"], row["scheme"], row["description"], runnable)
+        verdict = "yes" if row["runnable"] else f"no: {row['reason']}"
+        table.add_row(row["name"], row["library"], row["scheme"], row["description"], verdict)
     Console(width=max(120, Console().width)).print(table)
-    print("Parametric form: LIBRARY:key=value,... e.g. hqq:nbits=3,group_size=64")
+    print("Parametric form: LIBRARY:key=value,... e.g. hqq:nbits=3,group_size=64 (a bad key lists the valid ones)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from whisper_ptq.backends import get_recipe
-    from whisper_ptq.evaluation import Session
-    from whisper_ptq.export import write_export
+    from whisper_ptq.export import check_export_target
+    from whisper_ptq.preflight import preflight
 
     settings = _settings(args)
     recipe = get_recipe(args.recipe)
-    session = Session.open(args.model, recipe, settings)
-    write_export(session.bundle, recipe, session.quantized, args.out)
-    print(f"exported {args.model} with {recipe.name} to {args.out} ({session.info['size_bytes'] / 1e6:.1f} MB)")
+    check_export_target(args.out)
+    preflight(args.model, recipe, settings)
+
+    from whisper_ptq.evaluation import Quantized
+
+    quantized = Quantized.build(args.model, recipe, settings)
+    quantized.save(args.out)
+    print(f"exported {args.model} with {recipe.name} to {args.out} ({quantized.size_bytes / 1e6:.1f} MB)")
     return 0
 
 
@@ -149,13 +209,15 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from whisper_ptq.report import write_report
-    from whisper_ptq.studies.bench import SweepOptions, print_summary, run_sweep
     from whisper_ptq.studies.experiment import select_experiment
 
     if args.ray_address is not None and args.executor != "ray":
         raise UserError("--ray-address needs --executor ray")
     experiment, out = select_experiment(args.experiment, args.out, args.resume, args.limit)
+
+    from whisper_ptq.report import write_report
+    from whisper_ptq.studies.bench import SweepOptions, print_summary, run_sweep
+
     options = SweepOptions(
         out,
         args.data_root,
@@ -175,10 +237,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from whisper_ptq.report import write_report
     from whisper_ptq.studies.experiment import stored_results
 
     config, results = stored_results(args.dir)
+    from whisper_ptq.report import write_report  # matplotlib: only once there is something to draw
+
     write_report(args.dir, results, config)
     print(f"report: {args.dir / 'report.md'}")
     return 0
@@ -187,12 +250,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from whisper_ptq.backends import get_recipe
     from whisper_ptq.data import open_dataset
+    from whisper_ptq.preflight import preflight
     from whisper_ptq.studies.sensitivity import Study, run_sensitivity
 
     settings = _settings(args)
     _check_out_dir(args.out)
     dataset = open_dataset(args.dataset, settings.data_root).limit(args.limit)
     study = Study(args.model, get_recipe(args.recipe), dataset, args.level)
+    preflight(args.model, study.recipe, settings, [dataset])
     result = run_sensitivity(study, settings, args.out, args.force)
     print(result.files[0].read_text())
     print("written: " + ", ".join(str(f) for f in result.files))
@@ -201,6 +266,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from whisper_ptq.data import open_dataset
+    from whisper_ptq.models.sources import resolve_model
     from whisper_ptq.studies.search import SearchSpec, parse_formats, run_search, write_search_report
 
     settings = _settings(args)
@@ -209,6 +275,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     search_set = open_dataset(args.search_dataset, settings.data_root).limit(args.limit)
     tests = [open_dataset(spec, settings.data_root).limit(args.test_limit) for spec in args.test_datasets]
     spec = SearchSpec(args.model, args.budget, formats, search_set, tuple(tests), args.level)
+    resolve_model(args.model, settings.cache_dir)
     result = run_search(spec, settings, args.out, args.force)
     report = write_search_report(result, args.out)
     print(report.read_text())
@@ -216,93 +283,178 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0 if result.within_budget else 1
 
 
+# ------------------------------------------------------------------------------------------------ parser
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (but not a meaningless None or False), epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the culprit, exit code 2, like every other bad input."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="whisper-ptq", description="Post-training quantization studies of OpenAI Whisper.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
-    p = sub.add_parser("eval", help="evaluate one model x recipe on one dataset")
-    p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
-    p.add_argument("--recipe", default=None, help="named recipe (see `list`) or LIB:key=value,...")
-    p.add_argument("--dataset", default="librispeech:test-other", help="e.g. librispeech:test-clean")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances only")
-    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="whisper-ptq",
+        description="Measure what post-training quantization costs a Whisper speech recognizer: WER and CER with "
+        "confidence intervals and paired tests, speed and size, across quantization libraries and runtimes.",
+        epilog=_examples(
+            "whisper-ptq list",
+            "whisper-ptq eval --model tiny.en --recipe ct2-int8 --dataset librispeech:test-clean --limit 5",
+            "whisper-ptq bench quick --data-root ../shared/data",
+            "whisper-ptq COMMAND --help",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"whisper-ptq {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one model x recipe on one dataset",
+        description="Quantize a model with a recipe (or load an export), transcribe a dataset, print WER/CER/RTF/"
+        "size and write summary.json and utterances.jsonl.",
+        epilog=_examples(
+            "whisper-ptq eval --model base --recipe hqq-int4 --dataset librispeech:test-other",
+            "whisper-ptq eval --model tiny.en --recipe hqq:nbits=3,group_size=64 --dataset manifest:mine.jsonl",
+            "whisper-ptq eval --model exports/tiny-ct2 --dataset ljspeech --limit 20",
+        ),
+    )
+    _add_model_option(p)
+    p.add_argument("--recipe", help="named recipe (see `list`), LIB:key=value,... or a recipe file (default fp32)")
+    p.add_argument(
+        "--dataset",
+        default="librispeech:test-other",
+        help="librispeech:<split>, ljspeech or manifest:<file.jsonl>, optionally +noise:snr=<dB>",
+    )
+    p.add_argument("--limit", type=_positive_int, help="evaluate the first N utterances only")
+    p.add_argument("--out", type=Path, help=f"output directory (default: a new folder under {EVAL_RUNS}/)")
     _add_run_options(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("list", help="list named recipes and whether they run here")
+    p = sub.add_parser(
+        "list",
+        help="list named recipes and whether they run here",
+        description="Every named recipe, its library and scheme, and whether it runs on this machine (and why not).",
+        epilog=_examples("whisper-ptq list", "whisper-ptq list --json --device cuda"),
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="the device to check the recipes against")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("export", help="quantize a model and save it for `eval --model DIR`")
-    p.add_argument("--model", default="base")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser(
+        "export",
+        help="quantize a model and save it for `eval --model DIR` or the Python API's `load`",
+        epilog=_examples("whisper-ptq export --model tiny.en --recipe ct2-int8 --out exports/tiny-ct2"),
+    )
+    _add_model_option(p)
+    p.add_argument("--recipe", required=True, help="named recipe (see `list`), LIB:key=value,... or a recipe file")
+    p.add_argument("--out", type=Path, required=True, help="export folder (must not exist or be empty)")
     _add_run_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="dataset management")
-    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    f = data_sub.add_parser("fetch", help="download and unpack official datasets into the data root")
-    f.add_argument("datasets", nargs="+", help="e.g. librispeech:test-clean ljspeech")
-    f.add_argument("--data-root", type=Path, default=None)
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser, metavar="ACTION")
+    f = data_sub.add_parser(
+        "fetch",
+        help="download, verify and unpack official datasets into the data root",
+        epilog=_examples("whisper-ptq data fetch librispeech:test-clean ljspeech --data-root ~/speech"),
+    )
+    f.add_argument("datasets", nargs="+", help="dataset specs, e.g. librispeech:test-clean ljspeech")
+    f.add_argument("--data-root", type=Path, help="where to unpack them (else $WHISPER_PTQ_DATA)")
     f.set_defaults(func=cmd_data_fetch)
 
-    p = sub.add_parser("bench", help="run an experiment (preset or .toml file) into a results database and report")
-    p.add_argument("experiment", nargs="?", default=None, help="preset (paper, quick, paper-gpu) or a .toml file")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/<experiment name>)")
+    p = sub.add_parser(
+        "bench",
+        help="run an experiment (preset or .toml file) into a results database, then write the report",
+        description="Run every model x recipe x dataset of an experiment, each (model, recipe) in its own worker, "
+        "into a crash-safe results database; re-running into the same --out resumes.",
+        epilog=_examples(
+            "whisper-ptq bench quick --data-root ../shared/data",
+            "whisper-ptq bench paper --out runs/paper --resume",
+            "whisper-ptq bench my-study.toml --executor ray --ray-address HEAD_IP:6379",
+        ),
+    )
+    p.add_argument("experiment", nargs="?", help="preset (paper, quick, paper-gpu) or a .toml file (default paper)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<experiment name>)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="only continue the results in --out (none: error)")
     again.add_argument("--force", action="store_true", help="discard results of a different experiment in --out")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of each dataset")
+    p.add_argument("--limit", type=_positive_int, help="first N utterances of each dataset")
     p.add_argument("--executor", choices=list(EXECUTORS), default="local", help="where the workers run")
     p.add_argument(
         "--ray-address",
-        default=None,
         help="Ray cluster for --executor ray, e.g. HEAD_IP:6379 (default: $RAY_ADDRESS, else a cluster started on "
         "this machine by `ray start`, else a new local one)",
     )
-    p.add_argument("--data-root", type=Path, default=None, help="data root (else $WHISPER_PTQ_DATA)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (else $WHISPER_PTQ_CACHE)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_data_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("sensitivity", help="quantize one group of layers at a time; WER cost of each group")
-    p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
+    p = sub.add_parser(
+        "sensitivity",
+        help="quantize one group of layers at a time; the WER cost of each group",
+        epilog=_examples(
+            "whisper-ptq sensitivity --model base --recipe torch-int8-dynamic --dataset librispeech:test-other"
+        ),
+    )
+    _add_model_option(p)
     p.add_argument("--recipe", required=True, help="the recipe restricted to each group in turn")
-    p.add_argument("--dataset", default="librispeech:test-other")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances only")
+    p.add_argument("--dataset", default="librispeech:test-other", help="the dataset each group is measured on")
+    p.add_argument("--limit", type=_positive_int, help="first N utterances only")
     p.add_argument("--level", choices=["coarse", "fine", "both"], default="coarse", help="component or layer groups")
     p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="output directory (results.sqlite)")
     p.add_argument("--force", action="store_true", help="discard results of a different study in --out")
     _add_run_options(p)
     p.set_defaults(func=cmd_sensitivity)
 
-    p = sub.add_parser("search", help="mixed precision: one format per layer group under a size budget")
-    p.add_argument("--model", default="base", help="packaged name (base, tiny.en), hub id, or a local dir")
+    p = sub.add_parser(
+        "search",
+        help="mixed precision: one format per layer group under a size budget",
+        epilog=_examples(
+            "whisper-ptq search --model base --budget 0.25 --formats fp32,int8,int4 --search-dataset ljspeech "
+            "--test-datasets librispeech:test-other"
+        ),
+    )
+    _add_model_option(p)
     p.add_argument("--budget", type=float, required=True, help="largest size as a fraction of fp32, in (0, 1]")
     p.add_argument("--formats", default="fp32,int8,int4,int3", help="formats to choose from: fp32,int8,int4,int3,int2")
     p.add_argument("--search-dataset", default="ljspeech", help="the dataset the search measures on")
     p.add_argument("--test-datasets", nargs="+", default=["librispeech:test-other"], help="datasets never searched on")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances of the search dataset")
-    p.add_argument("--test-limit", type=_positive_int, default=None, help="first N utterances of each test dataset")
+    p.add_argument("--limit", type=_positive_int, help="first N utterances of the search dataset")
+    p.add_argument("--test-limit", type=_positive_int, help="first N utterances of each test dataset")
     p.add_argument("--level", choices=["coarse", "fine"], default="coarse", help="component or layer groups")
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="output directory (results.sqlite)")
     p.add_argument("--force", action="store_true", help="discard results of a different search in --out")
     _add_run_options(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("report", help="write the report of a bench output directory from its database alone")
+    p = sub.add_parser(
+        "report",
+        help="write the report of a bench output directory from its database alone",
+        epilog=_examples("whisper-ptq report runs/paper"),
+    )
     p.add_argument("dir", type=Path, help="a bench output directory (holding results.sqlite)")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 
 def _quiet_libraries() -> None:
@@ -314,13 +466,25 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def error_message(exc: UserError) -> str:
+    """The library's message with its parameter named as this command line's flag (`batch_size` -> `--batch-size`)."""
+    message = str(exc)
+    if exc.param:
+        message = re.sub(rf"\b{re.escape(exc.param)}\b", "--" + exc.param.replace("_", "-"), message, count=1)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

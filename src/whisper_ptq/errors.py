@@ -1,8 +1,15 @@
 """The one exception type that means "the user gave us something we cannot use"."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
-    """Bad input (model, dataset, recipe, path...). The CLI prints it as one line and exits with code 2."""
+    """Bad input (model, dataset, recipe, path...), said in one line that names the culprit. `param` names the
+    argument at fault in library terms (`batch_size`); the command line shows it as its flag (`--batch-size`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def one_line(exc: BaseException) -> str:

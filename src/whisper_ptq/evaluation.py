@@ -1,4 +1,4 @@
-"""One evaluation: a (model, recipe) prepared once, then scored on one or more datasets.
+"""One evaluation: a (model, recipe) prepared once (`Quantized`), then scored on one or more datasets.
 
 Where each reported number comes from:
 - WER / CER: `results.metrics.corpus_rates` over the per-utterance rows (`results.rows.summarize`).
@@ -14,22 +14,23 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from whisper_ptq.backends import BuildContext, Quantized, backend_for, library_packages
+from whisper_ptq.backends import BuildContext, Built, backend_for, library_packages
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
-from whisper_ptq.data import SAMPLE_RATE, Dataset
-from whisper_ptq.data.datasets import calibration_dataset
+from whisper_ptq.data import SAMPLE_RATE, Dataset, load_audio
 from whisper_ptq.engines import set_threads
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.loading import WhisperBundle, load_model
-from whisper_ptq.models.sources import resolve_model
+from whisper_ptq.preflight import check_runnable, preflight
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment, peak_rss_bytes
 from whisper_ptq.results.rows import UtteranceResult, summarize
@@ -48,24 +49,21 @@ def serialized_bytes(save: Callable[[Path], None]) -> int:
         return directory_bytes(Path(tmp))
 
 
-def check_runnable(recipe: Recipe, device: str) -> None:
-    reason = backend_for(recipe).check(recipe, device)
-    if reason:
-        raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
+class Quantized:
+    """A Whisper model prepared by one recipe (quantized, or restored from an export), ready to transcribe and to
+    evaluate on any number of datasets. `info` holds the facts recorded with every run (size, recipe, threads,
+    the backend's own knobs); `built` is what the backend made (its transcriber, and the torch model if any)."""
 
-
-class Session:
-    """A model quantized by one recipe, ready to evaluate; built once for any number of datasets."""
-
-    def __init__(self, bundle: WhisperBundle, recipe: Recipe, quantized: Quantized, info: dict[str, Any]):
-        self.bundle, self.recipe, self.quantized, self.info = bundle, recipe, quantized, info
+    def __init__(self, bundle: WhisperBundle, recipe: Recipe, built: Built, settings: Settings, info: dict[str, Any]):
+        self.bundle, self.recipe, self.built, self.settings, self.info = bundle, recipe, built, settings, info
 
     @classmethod
-    def open(cls, model: str, recipe: Recipe, settings: Settings, evaluated: Iterable[Dataset] = ()) -> Session:
-        """Validate everything cheap first (recipe, device, model spec, calibration), then load and quantize."""
-        check_runnable(recipe, settings.device)
-        resolve_model(model, settings.cache_dir)
-        calib = calibration_dataset(settings, evaluated) if recipe.needs_calibration else None
+    def build(
+        cls, model: str | WhisperBundle, recipe: Recipe, settings: Settings, evaluated: Iterable[Dataset] = ()
+    ) -> Quantized:
+        """Quantize `model` (a spec, or a loaded bundle) with `recipe`. Everything cheap is validated first
+        (recipe, device, model spec, calibration set), then the model is loaded and quantized."""
+        calib = preflight(model if isinstance(model, str) else None, recipe, settings, evaluated)
         ctx = BuildContext(
             device=settings.device,
             calibration=(lambda: [calib.load_audio(u) for u in calib.utterances]) if calib else None,
@@ -75,11 +73,11 @@ class Session:
             "calibration_dataset": calib.spec if calib else None,
             "calibration_utterances": len(calib.utterances) if calib else 0,
         }
-        bundle = load_model(model, settings.cache_dir)
+        bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
         return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, calibration_info)
 
     @classmethod
-    def from_export(cls, path: Path, settings: Settings) -> Session:
+    def from_export(cls, path: Path, settings: Settings) -> Quantized:
         """An exported model: the backend restores the saved quantized weights instead of quantizing."""
         from whisper_ptq.export import export_recipe, load_export_bundle
 
@@ -97,9 +95,9 @@ class Session:
         recipe: Recipe,
         settings: Settings,
         ctx: BuildContext,
-        make: Callable[[WhisperBundle, Recipe, BuildContext], Quantized],
+        make: Callable[[WhisperBundle, Recipe, BuildContext], Built],
         extra: dict[str, Any],
-    ) -> Session:
+    ) -> Quantized:
         threads = set_threads(settings.threads)
         fp32_bytes = serialized_bytes(lambda d: torch.save(bundle.model.state_dict(), d / "model.pt"))
         layers = linear_layers(bundle.model)
@@ -107,9 +105,9 @@ class Session:
         with tempfile.TemporaryDirectory(prefix="whisper-ptq-work-") as work:
             ctx.work_dir = Path(work)
             start = time.perf_counter()
-            quantized = make(bundle, recipe, ctx)
+            built = make(bundle, recipe, ctx)
             quantize_seconds = time.perf_counter() - start
-            size = serialized_bytes(lambda d: backend.save(quantized, d))
+            size = serialized_bytes(lambda d: backend.save(built, d))
         info: dict[str, Any] = {
             "model": bundle.source.spec,
             "model_kind": bundle.source.kind,
@@ -123,30 +121,59 @@ class Session:
             "fp32_size_bytes": fp32_bytes,
             "size_reduction": 1.0 - size / fp32_bytes,
             **extra,
-            **quantized.info,
+            **built.info,
         }
-        if "linear_bits_per_weight" not in info and isinstance(quantized.model, torch.nn.Module):
-            info["linear_bits_per_weight"] = linear_bits_per_weight(quantized.model, layers)
-        return cls(bundle, recipe, quantized, info)
+        if "linear_bits_per_weight" not in info and isinstance(built.model, torch.nn.Module):
+            info["linear_bits_per_weight"] = linear_bits_per_weight(built.model, layers)
+        return cls(bundle, recipe, built, settings, info)
 
-    def transcribe_timed(self, audios: list) -> tuple[list[str], float]:
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the library's own save path writes for this model."""
+        return int(self.info["size_bytes"])
+
+    @property
+    def model(self) -> Any:
+        """The quantized torch model, or None for engines that hold their own (CTranslate2, the fast engine)."""
+        return self.built.model if isinstance(self.built.model, torch.nn.Module) else None
+
+    def transcribe(self, audio: str | Path | np.ndarray | Sequence[str | Path | np.ndarray]) -> str | list[str]:
+        """Text of one recording (a path to any audio file libsndfile reads, or 16 kHz mono float32 samples), or
+        the texts of a list of them, transcribed `settings.batch_size` at a time."""
+        one = isinstance(audio, str | Path | np.ndarray)
+        items = [audio] if one else list(audio)
+        audios = [load_audio(a) if isinstance(a, str | Path) else np.asarray(a, dtype=np.float32) for a in items]
+        size = self.settings.batch_size
+        texts = [t for i in range(0, len(audios), size) for t in self.transcribe_timed(audios[i : i + size])[0]]
+        return texts[0] if one else texts
+
+    def transcribe_timed(self, audios: list[np.ndarray]) -> tuple[list[str], float]:
         start = time.perf_counter()
-        texts = self.quantized.transcriber.transcribe(audios)
+        texts = self.built.transcriber.transcribe(audios)
         if self.info["device"].startswith("cuda"):
             torch.cuda.synchronize()
         return texts, time.perf_counter() - start
 
+    def save(self, out_dir: str | Path) -> Path:
+        """Export the model to `out_dir` (refused when it holds anything); `whisper_ptq.load` restores it."""
+        from whisper_ptq.export import write_export
+
+        write_export(self.bundle, self.recipe, self.built, Path(out_dir))
+        return Path(out_dir)
+
     def evaluate(
         self,
         dataset: Dataset,
-        batch_size: int,
+        batch_size: int | None = None,
         done: Iterable[str] = (),
         on_rows: Callable[[list[UtteranceResult]], None] | None = None,
         progress: bool = True,
     ) -> EvalResult:
-        """Transcribe every utterance not in `done`, handing each batch's rows to `on_rows` as it ends."""
+        """Transcribe every utterance not in `done`, `batch_size` at a time (default: the settings'), handing
+        each batch's rows to `on_rows` as it ends."""
         if not dataset.has_transcripts:
             raise UserError(f"dataset {dataset.spec!r} has no transcripts: it can only be used for calibration")
+        batch_size = batch_size or self.settings.batch_size
         done = set(done)
         todo = [u for u in dataset.utterances if u.id not in done]
         rows: list[UtteranceResult] = []
@@ -169,20 +196,46 @@ class Session:
             rows.extend(new)
             bar.update(len(batch))
         bar.close()
-        return EvalResult(dataset=dataset.spec, rows=rows, info=self.info)
+        return EvalResult(dataset=dataset.spec, rows=rows, info={**self.info, "batch_size": batch_size})
 
 
 @dataclass
 class EvalResult:
+    """The rows of one evaluation and the run's facts; the figures are computed from the rows
+    (`results.rows.summarize`), once."""
+
     dataset: str
     rows: list[UtteranceResult]
     info: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def figures(self) -> dict[str, float | int]:
+        return summarize(self.rows)
+
+    @property
+    def wer(self) -> float:
+        """Corpus WER in percent."""
+        return float(self.figures["wer"])
+
+    @property
+    def cer(self) -> float:
+        """Corpus CER in percent."""
+        return float(self.figures["cer"])
+
+    @property
+    def rtf(self) -> float:
+        """Transcription seconds over audio seconds."""
+        return float(self.figures["rtf"])
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.info["size_bytes"])
 
     def summary(self) -> dict[str, Any]:
         return {
             **self.info,
             "dataset": self.dataset,
-            **summarize(self.rows),
+            **self.figures,
             "peak_rss_bytes": peak_rss_bytes(),
             **run_environment(),
             "argv": sys.argv,

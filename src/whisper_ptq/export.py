@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from whisper_ptq.backends import Quantized, backend_for
+from whisper_ptq.backends import Built, backend_for
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
 from whisper_ptq.models.sources import ModelSource
@@ -33,10 +33,14 @@ def export_recipe(path: str | Path) -> Recipe:
         raise UserError(f"{Path(path) / MARKER} is not a valid whisper-ptq export: {exc}") from None
 
 
-def write_export(bundle: WhisperBundle, recipe: Recipe, quantized: Quantized, out_dir: Path) -> None:
-    """Write atomically: a failed export leaves nothing at `out_dir`."""
+def check_export_target(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"export target {out_dir} exists and is not an empty directory")
+
+
+def write_export(bundle: WhisperBundle, recipe: Recipe, quantized: Built, out_dir: Path) -> None:
+    """Write atomically: a failed export leaves nothing at `out_dir`."""
+    check_export_target(out_dir)
     if out_dir.exists():
         out_dir.rmdir()  # empty: atomic_dir renames the finished export into its place
     with atomic_dir(out_dir) as tmp:

@@ -23,9 +23,7 @@ class Settings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
-        if self.calibration_limit < 1:
-            raise UserError(f"calibration limit must be at least 1, got {self.calibration_limit}")
+        for name in ("batch_size", "threads", "calibration_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(f"{name} must be an integer of at least 1, got {value!r}", param=name)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from whisper_ptq.backends import register
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.recipes import OptionValue, Recipe
 
@@ -69,12 +69,12 @@ class CrashBackend(Backend):
             description=description or "aborts the worker (test only)",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         after = int(recipe.option("after"))
         if after == 0:
             os.abort()
         transcriber = HFTranscriber(bundle.model, bundle.processor, device=ctx.device)
-        return Quantized(AbortAfter(transcriber, after, bool(recipe.option("once"))), bundle.model)
+        return Built(AbortAfter(transcriber, after, bool(recipe.option("once"))), bundle.model)
 
 
 register(CrashBackend())

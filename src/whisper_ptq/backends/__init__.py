@@ -9,7 +9,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from whisper_ptq.backends.base import Backend, BuildContext, Quantized
+from whisper_ptq.backends.base import Backend, BuildContext, Built
 from whisper_ptq.backends.bnb import BitsAndBytesBackend
 from whisper_ptq.backends.ctranslate2 import CTranslate2Backend
 from whisper_ptq.backends.fastcpu import FastCPUBackend
@@ -107,7 +107,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BuildContext",
-    "Quantized",
+    "Built",
     "backend_for",
     "get_recipe",
     "library_packages",

@@ -68,7 +68,7 @@ class BuildContext:
 
 
 @dataclass
-class Quantized:
+class Built:
     """A ready-to-run quantized model and the facts about how it was made (recorded in summary.json)."""
 
     transcriber: Transcriber
@@ -116,10 +116,10 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         """Quantize `bundle.model` (a WhisperBundle) in place where possible and return a runnable model."""
 
-    def save(self, quantized: Quantized, out_dir: Path) -> None:
+    def save(self, quantized: Built, out_dir: Path) -> None:
         """Serialize through the library's own save path. The default: torch.save of the state dict, which
         is how torch/torchao/HQQ/bitsandbytes tensors (packed, with scales) serialize themselves."""
         import torch
@@ -127,7 +127,7 @@ class Backend(ABC):
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(quantized.model.state_dict(), out_dir / "model.pt")
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
 
@@ -146,7 +146,7 @@ def keep_head_param(kept_by_default: bool) -> Param:
         str,
         default,
         (None, HEAD),
-        f"proj_out keeps the LM head in full precision; none quantizes it (default {default})",
+        f"{HEAD} keeps the LM head in full precision; none quantizes it (default {default})",
     )
 
 

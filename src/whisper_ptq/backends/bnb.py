@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
+    Built,
     Param,
-    Quantized,
     replace_linears_,
     target_linears,
 )
@@ -102,7 +102,7 @@ class BitsAndBytesBackend(Backend):
             description=description or f"bitsandbytes {fmt}",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         model = bundle.model
         replace_linears_(
             model, target_linears(model, recipe), lambda linear: quantized_linear(linear, recipe, ctx.device)
@@ -110,7 +110,7 @@ class BitsAndBytesBackend(Backend):
         model.to(ctx.device)
         return self._quantized(model, bundle, recipe, ctx)
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         import torch
 
         path = saved_dir / "model.pt"
@@ -127,7 +127,7 @@ class BitsAndBytesBackend(Backend):
             raise UserError(f"{path} does not match recipe {recipe.name!r}: unexpected {unexpected[0]}")
         return self._quantized(model.to(ctx.device), bundle, recipe, ctx)
 
-    def save(self, quantized: Quantized, out_dir: Path) -> None:
+    def save(self, quantized: Built, out_dir: Path) -> None:
         if any(is_repacked_for_cpu(module) for module in quantized.model.modules()):
             raise UserError(
                 "bitsandbytes cannot save a 4-bit model after its fused CPU kernel has repacked the weights "
@@ -136,7 +136,7 @@ class BitsAndBytesBackend(Backend):
         super().save(quantized, out_dir)
 
     @staticmethod
-    def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import bitsandbytes
 
         from whisper_ptq.engines.hf import HFTranscriber
@@ -151,7 +151,7 @@ class BitsAndBytesBackend(Backend):
         else:
             info["kernel_4bit"] = kernel_4bit(model, ctx.device)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
-        return Quantized(transcriber, model, info)
+        return Built(transcriber, model, info)
 
 
 class Fp16CastNotice(logging.Filter):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
 
@@ -109,7 +109,7 @@ class CTranslate2Backend(Backend):
             hint if compute_type == "int16" else ""
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import ctranslate2
 
         from whisper_ptq.engines.ct2 import CT2Transcriber
@@ -124,19 +124,19 @@ class CTranslate2Backend(Backend):
             converter = ctranslate2.converters.TransformersConverter(str(source))
             converter.convert(str(model_dir), quantization=compute_type(recipe), force=True)
         transcriber = CT2Transcriber.for_bundle(model_dir, bundle, compute_type(recipe), ctx.device, workspace)
-        return Quantized(transcriber, model_dir, ct2_info(transcriber))
+        return Built(transcriber, model_dir, ct2_info(transcriber))
 
-    def save(self, quantized: Quantized, out_dir: Path) -> None:
+    def save(self, quantized: Built, out_dir: Path) -> None:
         """The converted CTranslate2 directory as is: faster-whisper and ctranslate2 load it directly."""
         shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         from whisper_ptq.engines.ct2 import CT2Transcriber
 
         if not (saved_dir / "model.bin").is_file():
             raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
         transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, compute_type(recipe), ctx.device)
-        return Quantized(transcriber, saved_dir, ct2_info(transcriber))
+        return Built(transcriber, saved_dir, ct2_info(transcriber))
 
 
 def compute_type(recipe: Recipe) -> str:

@@ -1,7 +1,7 @@
 """The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 per-token GEMMs, lean greedy loop), optionally
 with the encoder compiled by `torch.compile` (inductor fuses the per-row quantization into its neighbours).
 
-The speed knobs land in `Quantized.info` (summary.json, results database): engine, linear kinds and counts,
+The speed knobs land in `Built.info` (summary.json, results database): engine, linear kinds and counts,
 LM head, attention, decoder threads, whether and how long the encoder was compiled.
 """
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
 
@@ -146,7 +146,7 @@ class FastCPUBackend(Backend):
             description=description or f"fast engine, {weights} linears, {head} head",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import torch
 
         from whisper_ptq.engines.fast import SHORTLIST, FastTranscriber
@@ -182,9 +182,9 @@ class FastCPUBackend(Backend):
             config = model.config
             frames = 2 * config.max_source_positions  # conv2 has stride 2
             info["compile_seconds"] = compile_encoder(transcriber, frames, config.num_mel_bins)
-        return Quantized(transcriber, None, info)
+        return Built(transcriber, None, info)
 
-    def save(self, quantized: Quantized, out_dir: Any) -> None:
+    def save(self, quantized: Built, out_dir: Any) -> None:
         """The engine's own weights (int8 and fp32 buffers, encoder and decoder) through torch.save."""
         import torch
 

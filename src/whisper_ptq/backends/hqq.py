@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
+    Built,
     Param,
-    Quantized,
     head_kept,
     keep_head_param,
     replace_linears_,
@@ -110,7 +110,7 @@ class HQQBackend(Backend):
             description=description or f"HQQ {nbits}-bit, groups of {group_size}",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         model = bundle.model.to(ctx.device).eval()
         config = quant_config(recipe)
         replace_linears_(
@@ -118,7 +118,7 @@ class HQQBackend(Backend):
         )
         return self._quantized(model, bundle, recipe, ctx)
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         import torch
 
         path = saved_dir / STATE_FILE
@@ -133,7 +133,7 @@ class HQQBackend(Backend):
         return self._quantized(model, bundle, recipe, ctx)
 
     @staticmethod
-    def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import hqq
 
         from whisper_ptq.engines.hf import HFTranscriber
@@ -145,4 +145,4 @@ class HQQBackend(Backend):
             "compute_dtype": "fp32",
             "kept_full_precision": [HEAD] if head_kept(recipe) else [],
         }
-        return Quantized(HFTranscriber(model, bundle.processor, device=ctx.device), model, info)
+        return Built(HFTranscriber(model, bundle.processor, device=ctx.device), model, info)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Quantized, target_linears
+from whisper_ptq.backends.base import Backend, BuildContext, Built, target_linears
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -130,7 +130,7 @@ class MixedBackend(Backend):
                 return f"{entry.group} ({entry.recipe.name}): {reason}"
         return super().check(recipe, device)
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         plan = plan_of(recipe)
         model = bundle.model
         linears = all_linears(model)
@@ -145,7 +145,7 @@ class MixedBackend(Backend):
         tied = _tie_head_(model, plan, selected)
         return self._quantized(model, bundle, ctx, tied, {"plan": steps})
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """One library's load restores every layer it saved (HQQ layers carry their own settings), so a plan
         that mixes libraries cannot be reloaded; its entries are loaded as one recipe over their union."""
         plan = plan_of(recipe)
@@ -160,14 +160,14 @@ class MixedBackend(Backend):
         return self._quantized(loaded.model, bundle, ctx, tied, loaded.info)
 
     @staticmethod
-    def _quantized(model: nn.Module, bundle: Any, ctx: BuildContext, tied: bool, info: dict[str, Any]) -> Quantized:
+    def _quantized(model: nn.Module, bundle: Any, ctx: BuildContext, tied: bool, info: dict[str, Any]) -> Built:
         from whisper_ptq.engines.hf import HFTranscriber
 
         if tied:  # the head's weights are final now
             model.get_input_embeddings().refresh(model.get_submodule(HEAD))
         info = {**info, "embedding": _embedding_info(tied)}
         # Every entry quantized the same model in place, so one transcriber over it serves the whole plan.
-        return Quantized(HFTranscriber(model, bundle.processor, device=ctx.device), model, info)
+        return Built(HFTranscriber(model, bundle.processor, device=ctx.device), model, info)
 
 
 def _backend(recipe: Recipe) -> Backend:
@@ -187,7 +187,7 @@ def _selections(model: nn.Module, plan: list[PlanEntry]) -> list[set[str]]:
     return selected
 
 
-def _check_in_place(model: nn.Module, quantized: Quantized, entry: PlanEntry, stray: set[str]) -> None:
+def _check_in_place(model: nn.Module, quantized: Built, entry: PlanEntry, stray: set[str]) -> None:
     """A plan needs backends that quantize the given model in place and honour `Recipe.modules`."""
     if quantized.model is not model:
         raise UserError(f"{entry.recipe.library} does not quantize the model in place: it cannot join a mixed plan")

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
+    Built,
     Param,
-    Quantized,
     head_info,
     keep_head_param,
     replace_linears_,
@@ -159,7 +159,7 @@ class PyTorchBackend(Backend):
             description=description or f"torch int8 {scheme} {granularity}",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import torch
 
         from whisper_ptq.engines.hf import HFTranscriber
@@ -181,7 +181,7 @@ class PyTorchBackend(Backend):
             info.update(calibration_utterances=len(audios), calibration=ctx.calibration_spec)
         else:
             quantize_dynamic_(model, recipe)
-        return Quantized(transcriber, model, {**self._info(model, recipe), **info})
+        return Built(transcriber, model, {**self._info(model, recipe), **info})
 
     def _info(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
         import torch
@@ -193,10 +193,10 @@ class PyTorchBackend(Backend):
             "quantized_linear": count_quantized(model),
             "weights": f"qint8 {recipe.granularity} symmetric",
             "activations": f"quint8 per-tensor asymmetric, reduce_range (7-bit), {scheme}",
-            "proj_out": head_info(recipe),
+            HEAD: head_info(recipe),
         }
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         # Rebuild the same module structure (packed-params modules) on the fresh fp32 model, then overwrite
         # weights, scales and zero points with the saved ones.
         import torch
@@ -212,4 +212,4 @@ class PyTorchBackend(Backend):
         with _quiet_deprecation():
             model.load_state_dict(state)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
-        return Quantized(transcriber, model, self._info(model, recipe))
+        return Built(transcriber, model, self._info(model, recipe))

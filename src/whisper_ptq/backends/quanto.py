@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
+    Built,
     Param,
-    Quantized,
     head_kept,
     keep_head_param,
     target_linears,
@@ -197,7 +197,7 @@ class QuantoBackend(Backend):
             description=description or f"quanto {weights} weights, {activations or 'float'} activations",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         from whisper_ptq.engines.hf import HFTranscriber
 
         model = self._prepare(bundle, ctx)
@@ -214,9 +214,9 @@ class QuantoBackend(Backend):
         if batches:
             calibrate_(model, batches)
             info["linear_outputs_left_float"] = len(output_unquantized(model))
-        return Quantized(transcriber, model, {**self._info(model, recipe), **info})
+        return Built(transcriber, model, {**self._info(model, recipe), **info})
 
-    def save(self, quantized: Quantized, out_dir: Path) -> None:
+    def save(self, quantized: Built, out_dir: Path) -> None:
         """quanto's serialization: safetensors state dict + `quantization_map` JSON (see `requantize`)."""
         from optimum.quanto import quantization_map
         from safetensors.torch import save_model
@@ -228,7 +228,7 @@ class QuantoBackend(Backend):
         (out_dir / MAP_FILE).write_text(json.dumps(quantization_map(model), indent=1) + "\n")
         (out_dir / STREAMLINE_FILE).write_text(json.dumps({"output_unquantized": output_unquantized(model)}))
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         import torch
         from optimum.quanto import requantize
         from safetensors.torch import load_file
@@ -245,7 +245,7 @@ class QuantoBackend(Backend):
         for name in json.loads(paths[2].read_text())["output_unquantized"]:
             model.get_submodule(name).disable_output_quantization()
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
-        return Quantized(transcriber, model, self._info(model, recipe))
+        return Built(transcriber, model, self._info(model, recipe))
 
     @staticmethod
     def _prepare(bundle: Any, ctx: BuildContext) -> nn.Module:
@@ -263,7 +263,7 @@ class QuantoBackend(Backend):
             "quanto": optimum.quanto.__version__,
             "quantized_linear": len(quantized),
             "kept_full_precision": [HEAD] if head_kept(recipe) else [],
-            "proj_out": "kept fp32, tied to model.decoder.embed_tokens (stored once)"
+            HEAD: "kept fp32, tied to model.decoder.embed_tokens (stored once)"
             if head_kept(recipe)
             else "weights quantized, output activations never (logits stay float); untied from the embedding",
             "attn_implementation": model.config._attn_implementation,

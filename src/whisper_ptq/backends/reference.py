@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Param, Quantized
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.recipes import OptionValue, Recipe
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
@@ -32,7 +32,7 @@ class ReferenceBackend(Backend):
             description=description or f"{dtype} reference",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import torch
 
         from whisper_ptq.engines.hf import HFTranscriber
@@ -40,4 +40,4 @@ class ReferenceBackend(Backend):
         dtype = getattr(torch, DTYPES[recipe.weights])
         model = bundle.model.to(device=ctx.device, dtype=dtype)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device, input_dtype=dtype)
-        return Quantized(transcriber, model)
+        return Built(transcriber, model)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
+    Built,
     Param,
-    Quantized,
     head_info,
     keep_head_param,
     targets,
@@ -141,12 +141,12 @@ class TorchaoBackend(Backend):
             description=description or f"torchao {mode}",
         )
 
-    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         model = self._base_model(bundle, recipe, ctx)
         quantize_linears_(model, recipe)
         return self._quantized(model, bundle, recipe, ctx)
 
-    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Quantized:
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         # The saved tensors are the quantized subclasses themselves; assign=True puts them in place of the
         # full-precision parameters (copying into those would dequantize them).
         import torch
@@ -160,7 +160,7 @@ class TorchaoBackend(Backend):
     def _base_model(bundle: Any, recipe: Recipe, ctx: BuildContext) -> nn.Module:
         return bundle.model.to(ctx.device, compute_dtype(recipe)).eval()
 
-    def _quantized(self, model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Quantized:
+    def _quantized(self, model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         from whisper_ptq.engines.hf import HFTranscriber
 
         weights = quantized_weights(model)
@@ -173,4 +173,4 @@ class TorchaoBackend(Backend):
             "proj_out": head_info(recipe),
         }
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device, input_dtype=compute_dtype(recipe))
-        return Quantized(transcriber, model, info)
+        return Built(transcriber, model, info)

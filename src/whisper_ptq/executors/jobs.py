@@ -79,7 +79,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Opened:
-    """The model is loaded and quantized; `info` is `Session.info` (size, recipe, threads...)."""
+    """The model is loaded and quantized; `info` is `Quantized.info` (size, recipe, threads...)."""
 
     job: int
     info: dict[str, Any]

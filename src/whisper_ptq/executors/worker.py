@@ -16,7 +16,7 @@ from typing import TextIO
 
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import one_line
-from whisper_ptq.evaluation import Session, run_environment
+from whisper_ptq.evaluation import Quantized, run_environment
 from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Rows, encode_event
 from whisper_ptq.results.environment import peak_rss_bytes
 
@@ -24,13 +24,12 @@ from whisper_ptq.results.environment import peak_rss_bytes
 def run_job(job: Job, emit: Callable[[Event], None]) -> None:
     """Quantize once, then transcribe each part's utterances, emitting every batch as it ends."""
     datasets = [open_dataset(part.dataset, job.settings.data_root) for part in job.parts]
-    session = Session.open(job.model, job.recipe, job.settings, evaluated=datasets)
-    emit(Opened(job.index, {**session.info, **run_environment()}))  # the machine it ran on, for the report
+    quantized = Quantized.build(job.model, job.recipe, job.settings, evaluated=datasets)
+    emit(Opened(job.index, {**quantized.info, **run_environment()}))  # the machine it ran on, for the report
     for part, dataset in zip(job.parts, datasets, strict=True):
         done = {u.id for u in dataset.utterances} - set(part.todo)
-        session.evaluate(
+        quantized.evaluate(
             dataset,
-            job.settings.batch_size,
             done=done,
             on_rows=lambda rows, spec=part.dataset: emit(Rows(job.index, spec, tuple(rows))),
             progress=False,  # the driver draws the bars from the events

@@ -31,7 +31,7 @@ from transformers import (
 
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
-from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE
+from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE, HEAD
 from whisper_ptq.models.sources import CT2_FILES, first_line, read_json
 
 # Bump when the conversion output changes, so caches written by an older converter are not reused.
@@ -374,7 +374,7 @@ def convert_ct2(ct2_dir: Path, out_dir: Path) -> None:
     with torch.device("meta"):
         model = WhisperForConditionalGeneration(_whisper_config(dims, tokens))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or set(missing) != {"proj_out.weight"}:
+    if unexpected or set(missing) != {f"{HEAD}.weight"}:
         raise UserError(f"conversion of {ct2_dir} left weights unmatched: {missing + unexpected}")
     model.tie_weights()
     model.generation_config = _generation_config(dims, tokens, ct2_config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -85,3 +86,36 @@ def _hub_unreachable_reason() -> str | None:
             return None
     except OSError:
         return f"{host}:{port} is unreachable"
+
+
+def bundle_of(model: Any, processor: Any = None) -> WhisperBundle:
+    """A user's loaded transformers Whisper model as a bundle (moved to fp32, eval mode). Its processor, when not
+    given, is the one saved where the model was loaded from (the folder or hub id in its config)."""
+    if not isinstance(model, WhisperForConditionalGeneration):
+        raise UserError(
+            f"model: expected a model spec or a transformers WhisperForConditionalGeneration, "
+            f"got {type(model).__name__}",
+            param="model",
+        )
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    if processor is None:
+        processor = _saved_processor(name)
+    source = ModelSource(name or "in-memory", "object", None)
+    return WhisperBundle(model.to(torch.float32).eval(), processor, source, None)
+
+
+def _saved_processor(name: str) -> WhisperProcessor:
+    hint = "pass processor=WhisperProcessor.from_pretrained(...) for this model"
+    if not name:
+        raise UserError(f"processor: the model does not say where it was loaded from; {hint}", param="processor")
+    try:
+        return WhisperProcessor.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass
+    if reason := _hub_unreachable_reason():
+        raise UserError(f"processor: none cached for {name!r} and {reason}; {hint}", param="processor")
+    try:
+        return WhisperProcessor.from_pretrained(name)
+    except OSError as exc:
+        why = f"processor: cannot load one for {name!r} ({first_line(exc)}); {hint}"
+        raise UserError(why, param="processor") from exc

@@ -2,7 +2,7 @@
 
 Tables: `experiment` (one row: name, canonical config JSON and its hash), `environments` (one row per bench
 invocation: library versions, CPU, threads, device), `tasks` (one per model x recipe x dataset: status,
-error, Session info) and `utterances` (one row per transcribed utterance, UNIQUE per task).
+error, Quantized info) and `utterances` (one row per transcribed utterance, UNIQUE per task).
 
 Crash safety: WAL with synchronous=FULL, and each batch of rows is one transaction, so a kill loses at most
 the batch in flight; rows are inserted with OR IGNORE, so a batch delivered twice is stored once. The file

@@ -1,7 +1,7 @@
 """The runner shared by the layer-wise studies (sensitivity, search): runs of one model, each a recipe, evaluated
 into a results database, skipping what it already holds.
 
-Each run reloads the small fp32 model (Session.open), the audio is decoded once for all runs (`preload`),
+Each run reloads the small fp32 model (`Quantized.build`), the audio is decoded once for all runs (`preload`),
 and a group run is refused when the backend quantized anything outside its group (a library that ignores
 `Recipe.modules`).
 """
@@ -12,7 +12,7 @@ import hashlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,6 @@ from whisper_ptq.backends import library_packages
 from whisper_ptq.backends.mixed import quantized_linears
 from whisper_ptq.data import Dataset, Utterance
 from whisper_ptq.errors import UserError, one_line
-from whisper_ptq.evaluation import Session
 from whisper_ptq.models.names import ENCODER_PREFIX
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment
@@ -28,6 +27,9 @@ from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.store import Store
 from whisper_ptq.settings import Settings
 from whisper_ptq.studies.groups import Group
+
+if TYPE_CHECKING:
+    from whisper_ptq.evaluation import Quantized
 
 QUANTIZED_KEY = "group_quantized_modules"  # task info: how many of its group's modules a run quantized
 
@@ -143,15 +145,16 @@ class Runner:
     def _evaluate(self, run: Run, dataset: Dataset, task_id: int, stored: set[str]) -> None:
         self.store.set_status(task_id, "running", environment_id=self.environment_id)
         try:
-            session = Session.open(self.model, run.recipe, self.settings, evaluated=[dataset])
-            info = {**session.info, **self._check_quantized(run, session)}
+            from whisper_ptq.evaluation import Quantized  # the model stack, when a run really runs
+
+            quantized = Quantized.build(self.model, run.recipe, self.settings, evaluated=[dataset])
+            info = {**quantized.info, **self._check_quantized(run, quantized)}
             if run.keeps_encoder_fp32:
-                self.encoder_outputs.share_(session.quantized.model)
+                self.encoder_outputs.share_(quantized.built.model)
                 info["encoder_outputs"] = "shared with the other runs whose encoder is fp32: RTF excludes the encoder"
             self.store.merge_info(task_id, info)
-            session.evaluate(
+            quantized.evaluate(
                 dataset,
-                self.settings.batch_size,
                 done=stored,
                 on_rows=lambda rows: self.store.add_rows(task_id, rows, self.environment_id),
                 progress=self.settings.progress,
@@ -161,12 +164,12 @@ class Runner:
             raise
         self.store.set_status(task_id, "done")
 
-    def _check_quantized(self, run: Run, session: Session) -> dict[str, int]:
+    def _check_quantized(self, run: Run, model: Quantized) -> dict[str, int]:
         """Refuse a run that quantized outside its modules; count those it did quantize (a library may skip
         some it was given, e.g. a head it never quantizes: that group then reads as fp32 and says so)."""
         if run.expected is None:
             return {}
-        quantized = quantized_linears(session.quantized.model, self.linears)
+        quantized = quantized_linears(model.built.model, self.linears)
         stray = quantized - run.expected
         if stray:
             raise UserError(

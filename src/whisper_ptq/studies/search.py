@@ -34,7 +34,6 @@ from whisper_ptq.backends.mixed import PlanEntry, all_linears, mixed_recipe
 from whisper_ptq.data import Dataset
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_write_files
-from whisper_ptq.models.loading import load_model
 from whisper_ptq.recipes import Recipe, save_recipe_file
 from whisper_ptq.report.tables import Table, csv_text, markdown_table
 from whisper_ptq.results.stats import paired_rows_test
@@ -194,6 +193,8 @@ def choose(cells: Iterable[Cell], need_bytes: int) -> list[Cell]:
 
 
 def run_search(spec: SearchSpec, settings: Settings, out_dir: Path, force: bool = False) -> SearchResult:
+    from whisper_ptq.models.loading import load_model  # the model stack, once the inputs are known good
+
     bundle = load_model(spec.model, settings.cache_dir)  # once, for the groups and module names
     searched = groups(bundle.model.config, spec.level)
     every = groups(bundle.model.config, "coarse")

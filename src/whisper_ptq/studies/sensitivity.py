@@ -21,7 +21,6 @@ from whisper_ptq.backends.mixed import all_linears
 from whisper_ptq.data import Dataset
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_write_files
-from whisper_ptq.models.loading import load_model
 from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.report.figures import heatmap_png
@@ -95,6 +94,8 @@ def plan_runs(study: Study, model: Any) -> tuple[list[Run], list[tuple[str, str]
 
 def run_sensitivity(study: Study, settings: Settings, out_dir: Path, force: bool = False) -> SensitivityResult:
     check_restrictable(study.recipe)
+    from whisper_ptq.models.loading import load_model  # the model stack, once the inputs are known good
+
     bundle = load_model(study.model, settings.cache_dir)  # once, for the group definitions and module names
     runs, skipped = plan_runs(study, bundle.model)
     linears = all_linears(bundle.model)
