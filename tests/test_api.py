@@ -35,12 +35,13 @@ def test_readme_example_runs_as_written(shared_data, model_cache, tmp_path, monk
 def test_evaluate_from_a_spec_equals_evaluate_of_a_quantized_model(shared_data, model_cache) -> None:
     clean = whisper_ptq.open_dataset("librispeech:test-clean", shared_data)
     by_spec = whisper_ptq.evaluate("tiny.en", clean, limit=2, cache_dir=model_cache, progress=False)
-    quantized = whisper_ptq.quantize("tiny.en", "fp32", cache_dir=model_cache)
+    quantized = whisper_ptq.quantize("tiny.en", "fp32", cache_dir=model_cache, batch_size=2)
     by_object = whisper_ptq.evaluate(quantized, clean, limit=2, progress=False)
     assert [r.hypothesis for r in by_spec.rows] == [r.hypothesis for r in by_object.rows]
     assert by_spec.wer == by_object.wer and by_spec.cer == by_object.cer
     assert by_spec.size_bytes == quantized.size_bytes > 100e6  # fp32 tiny.en
     assert by_spec.rtf > 0 and len(by_spec.rows) == 2
+    assert by_spec.info["batch_size"] == 1 and by_object.info["batch_size"] == 2  # batched text == batch-1 text
     assert by_spec.summary()["wer"] == by_spec.wer
 
 
@@ -48,7 +49,7 @@ def test_a_users_transformers_model_is_quantized_as_a_copy(shared_data, model_ca
     bundle = load_model("tiny.en", model_cache)
     model, processor = bundle.model, bundle.processor
     before = model.model.encoder.layers[0].fc1.weight.detach().clone()
-    quantized = whisper_ptq.quantize(model, "hqq-int4", processor=processor)
+    quantized = whisper_ptq.quantize(model, "torch-int8-dynamic", processor=processor)
     clip = whisper_ptq.open_dataset("librispeech:test-clean", shared_data).utterances[0].audio_path
     text = quantized.transcribe(clip)
     assert isinstance(text, str) and len(text.split()) > 3

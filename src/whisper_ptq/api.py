@@ -70,7 +70,7 @@ def evaluate(
     *,
     recipe: str | Recipe | None = None,
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     threads: int | None = None,
     device: str = "cpu",
     data_root: str | Path | None = None,
@@ -78,15 +78,15 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """WER, CER, RTF and size of a model on a dataset (a spec such as `librispeech:test-other`, the first
-    `limit` utterances). `model` is a `Quantized` (then `recipe` must be None) or anything `quantize` takes,
-    quantized here with `recipe` (default fp32)."""
+    `limit` utterances). `model` is a `Quantized` (then `recipe` must be None; `batch_size` defaults to the one
+    it was made with) or anything `quantize` takes, quantized here with `recipe` (default fp32)."""
     from whisper_ptq.data import open_dataset
     from whisper_ptq.evaluation import Quantized
 
     if isinstance(dataset, str):
         dataset = open_dataset(dataset, data_root)
     dataset = dataset.limit(limit)
-    settings = _settings(device, threads, batch_size, data_root, cache_dir, progress=progress)
+    settings = _settings(device, threads, batch_size or 1, data_root, cache_dir, progress=progress)
     if isinstance(model, Quantized):
         if recipe is not None:
             raise UserError(f"recipe: {model.recipe.name!r} already quantized this model; pass recipe=None")

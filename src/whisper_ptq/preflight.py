@@ -18,7 +18,7 @@ from whisper_ptq.settings import Settings
 def check_runnable(recipe: Recipe, device: str) -> None:
     reason = backend_for(recipe).check(recipe, device)
     if reason:
-        raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}", param="recipe")
+        raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
 
 
 def preflight(
