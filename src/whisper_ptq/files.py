@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from whisper_ptq.errors import UserError
@@ -39,7 +39,8 @@ def atomic_write_files(folder: Path, files: Mapping[str, bytes | str]) -> None:
         raise UserError(f"cannot write {writing}: {exc.strerror or exc}") from None
     finally:
         for temp in temps.values():
-            temp.unlink(missing_ok=True)
+            with suppress(OSError):  # on a read-only filesystem even a missing file's unlink fails
+                temp.unlink(missing_ok=True)
 
 
 @contextmanager

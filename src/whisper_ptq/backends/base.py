@@ -126,7 +126,11 @@ class Backend(ABC):
         key = next(k for k in wanted if nearest[k] != wanted[k])
         # The values of that field this backend makes when everything else is as the file says (if any do).
         alike = [made for made in candidates if all(made[k] == wanted[k] for k in wanted if k != key)]
-        valid = sorted({json.dumps(made[key]) for made in alike or candidates})
+        values = {json.dumps(made[key]): made[key] for made in alike or candidates}
+        try:
+            valid = [json.dumps(v) for v in sorted(values.values())]
+        except TypeError:  # values of several types (None among strings)
+            valid = sorted(values)
         given = json.dumps(wanted[key])
         raise UserError(f"{where}: {key} {given} is not valid for {self.library}; valid: {', '.join(valid)}")
 

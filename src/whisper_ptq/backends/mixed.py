@@ -125,9 +125,11 @@ class MixedBackend(Backend):
 
     def validate(self, recipe: Recipe, where: str) -> None:
         """A plan file: each entry's recipe checked by its own backend, then the whole rebuilt from the plan."""
+        from whisper_ptq.backends import recipe_from_dict  # the registry imports this module
+
         plan = plan_of(recipe)
         for entry in plan:
-            _backend(entry.recipe).validate(entry.recipe, f"{where}: plan entry {entry.group!r}")
+            recipe_from_dict(entry.recipe.to_dict(), f"{where}: plan entry {entry.group!r}")
         wanted, rebuilt = decided_fields(recipe), decided_fields(mixed_recipe(recipe.name, plan, recipe.description))
         if wanted != rebuilt:
             key = next(k for k in wanted if wanted[k] != rebuilt[k])

@@ -411,8 +411,9 @@ def _stale(row: UtteranceResult, source: str, text: str | None) -> bool:
 
 
 def _brief(value: Any, limit: int = 80) -> str:
+    """A value for a one-line message: whole if it is a string (a path), else cut at `limit` characters."""
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if isinstance(value, str) or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _changed_message(
