@@ -200,7 +200,7 @@ def test_the_same_experiment_on_another_data_root_is_refused(tmp_path, shared_da
     code, err = run(capsys, "bench", str(exp), "--out", str(out), "--data-root", str(other))
     assert code == 2
     before, now = (root.resolve() / "librispeech" / "test-clean" for root in (shared_data, other))
-    assert f'computed with another data: "{before}" then, "{now}" now; to discard them' in one_line_error(err)
+    assert f'computed with other data: "{before}" then, "{now}" now; to discard them' in one_line_error(err)
     with sqlite3.connect(out / RESULTS_FILE) as db:
         assert db.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
 
@@ -235,7 +235,7 @@ def test_a_model_changed_under_the_same_path_is_refused(tmp_path, shared_data, m
     config = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps({**config, "max_length": 100}))
     code, err = run(capsys, "bench", str(exp), "--out", str(out), "--data-root", str(shared_data))
-    assert code == 2 and f"holds results of {model} fp16 on librispeech:test-clean computed with another model" in err
+    assert code == 2 and f"holds results of {model} fp16 on librispeech:test-clean computed with other model" in err
     one_line_error(err)
 
 

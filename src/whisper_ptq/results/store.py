@@ -422,7 +422,7 @@ def _changed_message(
     if key == "recipe":
         return f"{path} holds results of another recipe named {recipe!r} (on {dataset}); {FORCE_HINT}"
     return (
-        f"{path} holds results of {model} {recipe} on {dataset} computed with another {key}: "
+        f"{path} holds results of {model} {recipe} on {dataset} computed with other {key}: "
         f"{_brief(stored[key])} then, {_brief(current[key])} now; {FORCE_HINT}"
     )
 
