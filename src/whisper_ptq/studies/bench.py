@@ -151,7 +151,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
             task: store.ensure_task(task.position, task.model, task.recipe, task.dataset, task.identity)
             for task in tasks
         }
-        jobs = _jobs(tasks, task_ids, store, settings, options.progress)
+        jobs = _jobs(tasks, task_ids, store, settings)
         recorder = _Recorder(store, env_id, jobs, tasks, task_ids, options.progress)
         if jobs:
             make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
@@ -159,7 +159,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
         return SweepResult(store.results(), len(jobs))
 
 
-def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings, progress: bool) -> list[Job]:
+def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings) -> list[Job]:
     """The work still to do, one job per (model, recipe); settles the tasks that need none. Stored rows whose
     audio or reference text has changed since, or whose utterance the dataset no longer lists, are dropped
     (and said so) to be computed again."""

@@ -119,12 +119,14 @@ class Runner:
         self.position = 0
         self.encoder_outputs = EncoderOutputs()
         self.model_content = model_content(model, settings.cache_dir)
-        self.expected: dict[str, dict[str, tuple[str, str | None]]] = {}  # dataset spec -> `drop_stale`'s
+        # (dataset spec, utterances) -> what `Store.drop_stale` expects; a limited dataset is a prefix of its spec's
+        self.expected: dict[tuple[str, int], dict[str, tuple[str, str | None]]] = {}
 
     def _expected(self, dataset: Dataset) -> dict[str, tuple[str, str | None]]:
-        if dataset.spec not in self.expected:
-            self.expected[dataset.spec] = {u.id: (dataset.fingerprint(u), u.text) for u in dataset.utterances}
-        return self.expected[dataset.spec]
+        key = (dataset.spec, len(dataset.utterances))
+        if key not in self.expected:
+            self.expected[key] = {u.id: (dataset.fingerprint(u), u.text) for u in dataset.utterances}
+        return self.expected[key]
 
     def measure(self, run: Run, dataset: Dataset, replace_changed: bool = False) -> Measurement:
         """The run's figures over exactly `dataset`'s utterances (the task may hold more, from a run with a
