@@ -239,6 +239,30 @@ def test_a_model_changed_under_the_same_path_is_refused(tmp_path, shared_data, m
     one_line_error(err)
 
 
+def test_a_row_a_worker_computed_from_other_data_is_not_stored(tmp_path, shared_data, model_cache):
+    """What a Ray node with another copy of the data, or a file edited mid-run, sends back."""
+    from whisper_ptq.executors.jobs import Job, Part, Rows
+    from whisper_ptq.studies.bench import _Recorder, plan
+
+    exp = load_experiment(str(experiment(tmp_path, '"fp32"', limit=2)))
+    settings = exp.settings(shared_data, model_cache)
+    [task] = plan(exp, settings)
+    good, bad = (scored(i, task.expected[i][1], "words", task.expected[i][0]) for i in task.ids)
+    bad = UtteranceResult(**{**bad.to_dict(), "source": "another copy"})
+    with Store.for_experiment(tmp_path / RESULTS_FILE, exp.name, exp.config()) as store:
+        task_ids = {task: store.ensure_task(0, task.model, task.recipe, task.dataset, task.identity)}
+        job = Job(0, task.model, task.recipe, (Part(task.dataset, task.ids),), settings)
+        recorder = _Recorder(store, store.record_environment({}), [job], [task], task_ids, progress=False)
+        recorder(Rows(0, task.dataset, (good, bad)))
+        assert store.done_ids(task_ids[task]) == {good.id}
+        [result] = store.results()
+    assert result["status"] == "failed"
+    assert result["error"] == (
+        f"utterance {bad.id} was read from other audio or text by the worker than by the driver (changed during "
+        "the run, or another copy of the data); not stored"
+    )
+
+
 def test_stale_rows_are_dropped_and_old_rows_judged_by_their_reference(tmp_path):
     with Store.create(tmp_path / RESULTS_FILE, "t", {}) as store:
         task = store.ensure_task(0, "tiny.en", FP32, "d")
