@@ -114,7 +114,7 @@ def test_study_stores_every_group_and_resumes(tmp_path, shared_data, model_cache
     def no_more_work(*args, **kwargs):
         raise AssertionError("a finished study ran again")
 
-    monkeypatch.setattr("whisper_ptq.evaluation.Quantized.build", no_more_work)
+    monkeypatch.setattr("whisper_ptq.evaluation.Quantized.build", no_more_work)  # imported on use
     assert run_sensitivity(study, settings(shared_data, model_cache), tmp_path).rows == result.rows
 
 

@@ -1,7 +1,7 @@
 """One evaluation: a (model, recipe) prepared once (`Quantized`), then scored on one or more datasets.
 
 Where each reported number comes from:
-- WER / CER: `results.metrics.corpus_rates` over the per-utterance rows (`results.rows.summarize`).
+- WER / CER: total errors over total reference units of the per-utterance rows (`results.rows.summarize`).
 - RTF: sum of the timed region (feature extraction + generate + decoding; after an untimed warm-up batch of
   one second of speech; model load and audio decoding excluded) over the sum of audio durations.
 - size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
@@ -188,7 +188,9 @@ class Quantized:
             audios = [dataset.load_audio(u) for u in batch]
             texts, seconds = self.transcribe_timed(audios)
             new = [
-                UtteranceResult.scored(u.id, u.text, text, len(audio) / SAMPLE_RATE, seconds / len(batch))
+                UtteranceResult.scored(
+                    u.id, u.text, text, len(audio) / SAMPLE_RATE, seconds / len(batch), dataset.fingerprint(u)
+                )
                 for u, audio, text in zip(batch, audios, texts, strict=True)
             ]
             if on_rows:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from whisper_ptq.backends import Built, backend_for
+from whisper_ptq.backends import Built, backend_for, recipe_from_dict
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
 from whisper_ptq.models.sources import ModelSource
@@ -27,10 +27,14 @@ def is_export_dir(path: str | Path) -> bool:
 
 
 def export_recipe(path: str | Path) -> Recipe:
+    marker = Path(path) / MARKER
     try:
-        return Recipe.from_dict(json.loads((Path(path) / MARKER).read_text())["recipe"])
+        data = json.loads(marker.read_text())["recipe"]
     except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{Path(path) / MARKER} is not a valid whisper-ptq export: {exc}") from None
+        raise UserError(f"{marker} is not a valid whisper-ptq export: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{marker} is not a valid whisper-ptq export: its recipe is not an object")
+    return recipe_from_dict(data, f"the recipe of export {marker}")
 
 
 def check_export_target(out_dir: Path) -> None:

@@ -7,8 +7,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from whisper_ptq.errors import UserError
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -18,20 +20,27 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 def atomic_write_files(folder: Path, files: Mapping[str, bytes | str]) -> None:
     """Write several files into `folder`: all are written and synced under temporary names first, then each is
-    renamed over its old version, so a failure while writing leaves every old file as it was."""
-    folder.mkdir(parents=True, exist_ok=True)
+    renamed over its old version, so a failure while writing leaves every old file as it was (and is one line:
+    the file and the cause)."""
     temps = {name: folder / f".{name}.tmp" for name in files}
+    writing = folder
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
+            writing = folder / name
             with open(temps[name], "wb") as handle:
                 handle.write(data.encode() if isinstance(data, str) else data)
                 handle.flush()
                 os.fsync(handle.fileno())
         for name, temp in temps.items():
+            writing = folder / name
             os.replace(temp, folder / name)
+    except OSError as exc:  # read-only folder, disk full: the old files are all still there
+        raise UserError(f"cannot write {writing}: {exc.strerror or exc}") from None
     finally:
         for temp in temps.values():
-            temp.unlink(missing_ok=True)
+            with suppress(OSError):  # on a read-only filesystem even a missing file's unlink fails
+                temp.unlink(missing_ok=True)
 
 
 @contextmanager

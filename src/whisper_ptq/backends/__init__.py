@@ -47,6 +47,9 @@ def named_recipes() -> dict[str, Recipe]:
 
 
 def backend_for(recipe: Recipe) -> Backend:
+    if recipe.library not in BACKENDS:
+        choices = ", ".join(BACKENDS)
+        raise UserError(f"recipe {recipe.name!r}: unknown library {recipe.library!r}; choose from {choices}")
     return BACKENDS[recipe.library]
 
 
@@ -69,14 +72,21 @@ def get_recipe(text: str) -> Recipe:
 
 
 def recipe_from_file(path: Path) -> Recipe:
-    data = read_recipe_file(path)
+    return recipe_from_dict(read_recipe_file(path), f"recipe file {path}")
+
+
+def recipe_from_dict(data: dict, where: str) -> Recipe:
+    """A recipe saved as `Recipe.to_dict` (a recipe file, an export), checked by its backend like the parametric
+    form (`Backend.validate`) before any model loads; `where` names it in errors."""
     library = data.get("library")
-    if library not in BACKENDS:
-        raise UserError(f"recipe file {path}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
+    if not isinstance(library, str) or library not in BACKENDS:
+        raise UserError(f"{where}: unknown library {library!r}; choose from {', '.join(BACKENDS)}")
     try:
-        return Recipe.from_dict(data)
+        recipe = Recipe.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"recipe file {path} is not a recipe: {exc}") from None
+        raise UserError(f"{where} is not a recipe: {exc}") from None
+    BACKENDS[library].validate(recipe, where)
+    return recipe
 
 
 def library_packages() -> list[str]:
@@ -112,6 +122,7 @@ __all__ = [
     "get_recipe",
     "library_packages",
     "named_recipes",
+    "recipe_from_dict",
     "recipe_from_file",
     "register",
 ]

@@ -1,6 +1,7 @@
 """The small interface every quantization library implements, and what it shares.
 
-A backend turns raw parameters into a validated `Recipe` (`recipe`), says whether a recipe can run here
+A backend turns raw parameters into a validated `Recipe` (`recipe`), checks a Recipe made elsewhere (a recipe
+file) against them (`validate`), says whether a recipe can run here
 (`check`), quantizes a loaded model into a `Transcriber` (`quantize`), and serializes the result through
 the library's own save path (`save`), which is also how size is measured.
 """
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
+import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -96,6 +100,56 @@ class Backend(ABC):
         values.update({key: self.params[key].parse(self.library, key, text) for key, text in raw.items()})
         return self.make_recipe(name, values, description)
 
+    def validate(self, recipe: Recipe, where: str) -> None:
+        """Refuse a Recipe read from a file unless this backend's parameters make it: its fields must equal those
+        `make_recipe` gives for some parameter values (each parameter's choices, or the value the recipe holds
+        for it), so a file can ask for nothing the parametric form refuses. `modules` may restrict it (a
+        sensitivity run); name and description are free. The error names the first field no choice gives."""
+        for pattern in recipe.modules:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UserError(f"{where}: modules entry {pattern!r} is not a regular expression ({exc})") from None
+        wanted = decided_fields(recipe)
+        candidates = []
+        for values in self._values_to_try(recipe):
+            try:
+                made = decided_fields(self.make_recipe(recipe.name, values, recipe.description))
+            except UserError:
+                continue
+            if made == wanted:
+                return
+            candidates.append(made)
+        if not candidates:  # make_recipe refuses everything (the mixed backend, which validates its plan itself)
+            raise UserError(f"{where}: {self.library} recipes cannot be given as a file")
+        nearest = min(candidates, key=lambda made: sum(made[k] != wanted[k] for k in wanted))
+        key = next(k for k in wanted if nearest[k] != wanted[k])
+        # The values of that field this backend makes when everything else is as the file says (if any do).
+        alike = [made for made in candidates if all(made[k] == wanted[k] for k in wanted if k != key)]
+        values = {json.dumps(made[key]): made[key] for made in alike or candidates}
+        try:
+            valid = [json.dumps(v) for v in sorted(values.values())]
+        except TypeError:  # values of several types (None among strings)
+            valid = sorted(values)
+        given = json.dumps(wanted[key])
+        raise UserError(f"{where}: {key} {given} is not valid for {self.library}; valid: {', '.join(valid)}")
+
+    def _values_to_try(self, recipe: Recipe) -> Iterable[dict[str, OptionValue]]:
+        """Every combination of parameter values: a parameter's default and choices, else both booleans, else its
+        default and the value the recipe holds under its name (an option or a field)."""
+        fields = recipe.to_dict()
+        axes = []
+        for key, param in self.params.items():
+            if param.choices is not None:
+                axes.append(tuple(dict.fromkeys([param.default, *param.choices])))
+            elif param.kind is bool:
+                axes.append((False, True))
+            else:
+                held = dict(recipe.options).get(key, fields.get(key, param.default))
+                axes.append(tuple(dict.fromkeys([param.default, held])))
+        for combination in itertools.product(*axes):
+            yield dict(zip(self.params, combination, strict=True))
+
     def named_recipes(self) -> dict[str, Recipe]:
         return {name: self.recipe(raw, name, text) for name, (text, raw) in self.named.items()}
 
@@ -130,6 +184,14 @@ class Backend(ABC):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
+
+
+def decided_fields(recipe: Recipe) -> dict[str, Any]:
+    """The fields a backend decides (what `validate` compares), as JSON-like values."""
+    fields = recipe.to_dict()
+    for free in ("name", "description", "modules"):
+        del fields[free]
+    return fields
 
 
 def _cuda_available() -> bool:

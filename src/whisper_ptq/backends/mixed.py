@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Built, target_linears
+from whisper_ptq.backends.base import Backend, BuildContext, Built, decided_fields, target_linears
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -122,6 +122,18 @@ class MixedBackend(Backend):
 
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
         raise UserError(f"recipe {name!r}: a mixed recipe is a plan file (.json) written by `whisper-ptq search`")
+
+    def validate(self, recipe: Recipe, where: str) -> None:
+        """A plan file: each entry's recipe checked by its own backend, then the whole rebuilt from the plan."""
+        from whisper_ptq.backends import recipe_from_dict  # the registry imports this module
+
+        plan = plan_of(recipe)
+        for entry in plan:
+            recipe_from_dict(entry.recipe.to_dict(), f"{where}: plan entry {entry.group!r}")
+        wanted, rebuilt = decided_fields(recipe), decided_fields(mixed_recipe(recipe.name, plan, recipe.description))
+        if wanted != rebuilt:
+            key = next(k for k in wanted if wanted[k] != rebuilt[k])
+            raise UserError(f"{where}: {key} {json.dumps(wanted[key])} does not follow from its plan")
 
     def check(self, recipe: Recipe, device: str) -> str | None:
         for entry in plan_of(recipe):

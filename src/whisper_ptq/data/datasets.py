@@ -82,6 +82,18 @@ class Dataset:
     def has_transcripts(self) -> bool:
         return bool(self.utterances) and all(u.text is not None for u in self.utterances)
 
+    def fingerprint(self, utt: Utterance) -> str:
+        """What a result for `utt` is computed from: a hash of its audio file's bytes, its reference text and
+        the modifiers applied to it. A stored result whose fingerprint differs is of other data."""
+        digest = hashlib.sha256()
+        try:
+            with open(utt.audio_path, "rb") as audio:
+                digest.update(hashlib.file_digest(audio, "sha256").digest())
+        except OSError as exc:
+            raise UserError(f"cannot read audio file {utt.audio_path}: {exc.strerror}") from None
+        digest.update(b"\0".join(part.encode() for part in (utt.text or "", *(m.spec for m in self.modifiers))))
+        return digest.hexdigest()[:32]
+
     def load_audio(self, utt: Utterance) -> np.ndarray:
         audio = load_audio(utt.audio_path)
         for modifier in self.modifiers:
@@ -195,6 +207,8 @@ def _scan_manifest(root: Path, arg: str, spec: str) -> tuple[Path, list[Utteranc
     for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             utterances.append(_manifest_utterance(line, manifest, lineno))
+    if not utterances:
+        raise UserError(f"manifest {manifest} is empty: it lists no utterances")
     if len({u.text is None for u in utterances}) > 1:
         raise UserError(f'{manifest}: some lines have "text" and some do not; give it on all or none')
     return manifest.parent, utterances
@@ -211,6 +225,9 @@ def _manifest_utterance(line: str, manifest: Path, lineno: int) -> Utterance:
     text, utt_id = entry.get("text"), entry.get("id", Path(entry["audio"]).with_suffix("").as_posix())
     if not (text is None or isinstance(text, str)) or not isinstance(utt_id, str):
         raise UserError(f'{where}: "text" and "id" must be strings')
+    if text is not None and not text.strip():
+        # No reference words: its WER would be undefined (or, pooled, count insertions against nothing).
+        raise UserError(f'{where}: utterance {utt_id} has no transcript text ("text" is empty)')
     audio = manifest.parent / Path(entry["audio"]).expanduser()  # an absolute path replaces the parent
     if not audio.is_file():
         raise UserError(f"{where}: audio file {audio} is missing")

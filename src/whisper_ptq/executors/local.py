@@ -3,11 +3,18 @@
 A fresh process per (model, recipe) means a native abort, a segfault or the OOM killer takes down only
 that job: the driver sees the process end without a `Failed` event and reports it from the exit status
 and the tail of the worker's stderr, which is kept in `<out>/logs/`.
+
+Workers import nothing from the directory bench runs in: `python -P` keeps the working directory off
+`sys.path` (plain `python -m` puts it first, so a `tqdm.py` there would run), and an empty entry of
+PYTHONPATH, which means the working directory too (`PYTHONPATH=$EXTRA:$PYTHONPATH` with nothing in
+$PYTHONPATH), is dropped. The working directory itself stays the driver's: relative paths in the experiment
+(a manifest, a model folder) mean the same to the worker.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -34,7 +41,8 @@ class LocalExecutor:
         reported_failure = False
         with log.open("w") as stderr:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "whisper_ptq.executors.worker"],
+                [sys.executable, "-P", "-m", "whisper_ptq.executors.worker"],
+                env=worker_environment(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -56,6 +64,15 @@ class LocalExecutor:
                     worker.wait()
         if returncode != 0 and not reported_failure:
             on_event(Failed(job.index, _crash_message(returncode, log)))
+
+
+def worker_environment() -> dict[str, str]:
+    """The driver's environment (plugins, data root, cache), without PYTHONPATH's empty entries."""
+    env = dict(os.environ)
+    entries = [entry for entry in env.pop("PYTHONPATH", "").split(os.pathsep) if entry]
+    if entries:
+        env["PYTHONPATH"] = os.pathsep.join(entries)
+    return env
 
 
 def _decode(line: str) -> Event | None:

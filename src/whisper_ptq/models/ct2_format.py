@@ -7,7 +7,6 @@ fp32, which is lossless), and builds the config, generation config and processor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -32,7 +31,7 @@ from transformers import (
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
 from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE, HEAD
-from whisper_ptq.models.sources import CT2_FILES, first_line, read_json
+from whisper_ptq.models.sources import CT2_FILES, files_digest, first_line, read_json
 
 # Bump when the conversion output changes, so caches written by an older converter are not reused.
 CONVERTER_VERSION = 1
@@ -341,13 +340,7 @@ def _tokenizer(tokenizer_json: Path) -> tuple[WhisperTokenizerFast, dict[str, in
 
 def ct2_cache_key(ct2_dir: Path) -> str:
     """Hash of the source files' contents and the converter version: a changed source gets a new key."""
-    digest = hashlib.sha256(f"whisper-ptq-ct2-converter-{CONVERTER_VERSION}".encode())
-    for name in CT2_FILES:
-        digest.update(name.encode() + b"\0")
-        with open(ct2_dir / name, "rb") as file:
-            while chunk := file.read(16 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:24]
+    return files_digest((ct2_dir / name for name in CT2_FILES), f"whisper-ptq-ct2-converter-{CONVERTER_VERSION}")
 
 def converted_dir(ct2_dir: Path, cache_dir: Path) -> Path:
     """The transformers copy of a CTranslate2 model dir, converting it into the cache on first use."""

@@ -3,6 +3,7 @@ CTranslate2 sources are converted once (`ct2_format`) and cached under `<cache>/
 
 from __future__ import annotations
 
+import pickle
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +52,37 @@ def _bundle_from_dir(source: ModelSource, hf_dir: Path) -> WhisperBundle:
     try:
         model = WhisperForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
         processor = WhisperProcessor.from_pretrained(hf_dir)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(str(hf_dir), exc) from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load Whisper model from {hf_dir}: {first_line(exc)}") from exc
     return WhisperBundle(model.eval(), processor, source, hf_dir)
+
+
+def _refused_pickle(where: str, exc: pickle.UnpicklingError) -> UserError:
+    """torch.load(weights_only=True) refused a pickled weights file (.bin) that holds more than tensors: code
+    to run, whether malicious or not. Its message suggests weights_only=False, which would run that code."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    why = next((line for line in lines if line.startswith(("Trying to load", "Unsupported"))), lines[-1])
+    return UserError(
+        f"cannot load Whisper model from {where}: its pickled weights hold more than tensors, refused unrun "
+        f"({why.rstrip('.')}); use safetensors weights from a source you trust"
+    )
 
 def _load_hub(source: ModelSource) -> WhisperBundle:
     # A model already in the HF cache must work offline, so try that before touching the network.
     try:
         return _hub_bundle(source, local_files_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(repr(source.spec), exc) from None
     except OSError:
         pass
     if reason := _hub_unreachable_reason():
         raise UserError(f"hub model {source.spec!r} is not cached and {reason}; {OFFLINE_ALTERNATIVES}")
     try:
         return _hub_bundle(source, local_files_only=False)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(repr(source.spec), exc) from None
     except OSError as exc:
         raise UserError(f"cannot download hub model {source.spec!r}: {first_line(exc)}") from exc
 

@@ -5,12 +5,14 @@ before it imports torch."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import importlib.util
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,29 @@ def _local_dir_kind(path: Path) -> str:
         f"{path} is neither a transformers Whisper directory (config.json with model_type whisper) "
         "nor a CTranslate2 directory (model.bin, config.json, tokenizer.json)"
     )
+
+
+def files_digest(paths: Iterable[Path], salt: str = "") -> str:
+    """A hash of the files' names and contents, in the order given (16 MB read at a time)."""
+    digest = hashlib.sha256(salt.encode())
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as file:
+            while chunk := file.read(16 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:24]
+
+
+def model_fingerprint(source: ModelSource) -> str | None:
+    """A hash of the files a local model is loaded from, so a model changed under the same name or path is told
+    apart from the one stored results were computed with: the CTranslate2 files of a packaged or CTranslate2
+    model, every file beside a transformers model's config.json (weights, generation config, tokenizer). None
+    for a hub id: its files are whatever the Hugging Face cache resolves it to."""
+    if source.path is None:
+        return None
+    if source.kind in ("packaged", "ct2"):
+        return files_digest(source.path / name for name in CT2_FILES)
+    return files_digest(sorted(p for p in source.path.iterdir() if p.is_file()))
 
 
 def ct2_model_dir(source: ModelSource) -> Path:

@@ -3,7 +3,6 @@ from the results contract (one dict per (model, recipe, dataset) task, see `resu
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from whisper_ptq.report.figures import (
     snr_spec,
 )
 from whisper_ptq.report.tables import Table, csv_text, format_p, format_p_value
+from whisper_ptq.results.outputs import strict_json
 
 
 def guidance_sentences(g: dict[str, Any], layout: Layout) -> list[str]:
@@ -359,7 +359,7 @@ def write_report(
     summary = data.to_dict()
     files: dict[str, bytes] = {p.name: p.png for p in data.plots}
     files["table.csv"] = table_csv(data.systems, data.layout).encode()
-    files["results.json"] = (json.dumps(summary, indent=2, default=str) + "\n").encode()
+    files["results.json"] = (strict_json(summary, indent=2) + "\n").encode()
     files["report.md"] = render_markdown(blocks).encode()
     files["report.html"] = render_html(blocks, data.title).encode()
     out = Path(out_dir)

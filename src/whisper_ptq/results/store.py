@@ -2,20 +2,38 @@
 
 Tables: `experiment` (one row: name, canonical config JSON and its hash), `environments` (one row per bench
 invocation: library versions, CPU, threads, device), `tasks` (one per model x recipe x dataset: status,
-error, Quantized info) and `utterances` (one row per transcribed utterance, UNIQUE per task).
+error, Quantized info, and `identity`: what its rows are computed from) and `utterances` (one row per
+transcribed utterance, UNIQUE per task, with `source`, the fingerprint of its audio and reference text, and a
+`checksum` of its fields).
 
 Crash safety: WAL with synchronous=FULL, and each batch of rows is one transaction, so a kill loses at most
 the batch in flight; rows are inserted with OR IGNORE, so a batch delivered twice is stored once. The file
-is created under a temporary name and renamed into place, so a half-created database never exists.
-Summary figures are never stored: `results()` recomputes them from the rows with `evaluate.summarize`.
+is created under a temporary name and renamed into place, so a half-created database never exists. A
+process that writes holds an exclusive lock on `.results.sqlite.lock` beside it (flock: the system releases it
+when the process dies, however it dies), so two runs never write one directory at once.
+
+Nothing stale, nothing altered: a task whose model, data location or device differs from the one its rows
+were computed with is refused (`ensure_task`), rows whose audio or reference text changed are dropped to be
+computed again (`drop_stale`), and a row whose fields no longer match their checksum is reported corrupt on
+read. Summary figures are never stored: `results()` recomputes them from the rows' error counts, the one
+source of WER, CER, their confidence intervals and paired tests.
+
+Schema versions (PRAGMA user_version; also how a whisper-ptq database is told from any other SQLite file):
+1 had no identity, source or checksum; `MIGRATIONS` brings a database up to `SCHEMA_VERSION` when it is
+opened (in memory only, for a read-only open). Its rows keep an empty source and checksum: they are checked
+by their reference text and by scoring their texts again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,13 +44,31 @@ from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.rows import UtteranceResult, summarize
 
 RESULTS_FILE = "results.sqlite"  # the store of a bench, sensitivity or search output dir
-SCHEMA_VERSION = 1  # PRAGMA user_version; also how a whisper-ptq database is told from any other SQLite file
+SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "done", "failed", "skipped")
 # A task that has not ended is "partial" in results(): it resumes on the next run.
 RESULT_STATUS = {"pending": "partial", "running": "partial", "done": "done", "failed": "failed", "skipped": "skipped"}
-ROW_FIELDS = ("reference", "hypothesis", "ref_words", "word_errors", "ref_chars", "char_errors", "audio_seconds")
+# The stored fields of a row besides its id, in UtteranceResult's order.
+ROW_FIELDS = (
+    "reference",
+    "hypothesis",
+    "ref_words",
+    "word_errors",
+    "ref_chars",
+    "char_errors",
+    "audio_seconds",
+    "seconds",
+    "source",
+)
+SQLITE_HEADER = b"SQLite format 3\x00"
+TABLES = {"experiment", "environments", "tasks", "utterances"}
+# What works after a refusal: bench's --force and --resume exclude each other, so say which to drop.
+FORCE_HINT = (
+    "to discard them and start afresh, run the same command with --force (and without --resume), "
+    "or choose another --out"
+)
 
-SCHEMA = f"""
+SCHEMA_V1 = f"""
 CREATE TABLE experiment (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     name TEXT NOT NULL,
@@ -74,8 +110,21 @@ CREATE TABLE utterances (
     environment_id INTEGER REFERENCES environments (id),
     UNIQUE (task_id, utterance_id)
 );
-PRAGMA user_version = {SCHEMA_VERSION};
+PRAGMA user_version = 1;
 """
+
+# version -> the statements that bring a database of that version to the next one. A new database is created
+# as version 1 and migrated, so an old database and a new one end up with the same layout.
+MIGRATIONS: dict[int, str] = {
+    1: """
+        -- JSON: what the task's rows are computed from besides the recipe (`ensure_task`); NULL: not known
+        ALTER TABLE tasks ADD COLUMN identity TEXT;
+        -- `Dataset.fingerprint` of the row's audio and reference; '' for rows written before version 2
+        ALTER TABLE utterances ADD COLUMN source TEXT NOT NULL DEFAULT '';
+        -- `_checksum` of the row's fields; '' for rows written before version 2
+        ALTER TABLE utterances ADD COLUMN checksum TEXT NOT NULL DEFAULT '';
+    """,
+}
 
 
 @dataclass(frozen=True)
@@ -94,49 +143,56 @@ def _now() -> str:
 
 
 class Store:
-    def __init__(self, db: sqlite3.Connection, path: Path):
-        self._db, self.path = db, path
+    def __init__(self, db: sqlite3.Connection, path: Path, lock: int | None = None):
+        self._db, self.path, self._lock = db, path, lock
         name, config, digest = db.execute("SELECT name, config, config_hash FROM experiment").fetchone()
         self.experiment = StoredExperiment(name, json.loads(config), digest)
 
     # ------------------------------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, path: Path) -> Store:
-        """An existing database; refused with a clear error when it is corrupt or not ours."""
-        if not path.is_file():
-            raise UserError(f"no results database at {path}")
-        try:
-            db = _connect(path)
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise UserError(f"{path} is corrupt or not a SQLite database ({exc}); move it away or delete it") from None
-        if check != "ok":
-            raise UserError(f"{path} is corrupt ({check}); move it away or delete it")
-        if version != SCHEMA_VERSION:
-            raise UserError(f"{path} is not a whisper-ptq results database (schema version {version})")
-        return cls(db, path)
+    def open(cls, path: Path, writable: bool = True) -> Store:
+        """An existing database, brought to the current schema; refused with a clear error, and left as it
+        was, when it is corrupt or not ours. Read-only (`writable=False`, for a report) it is never written."""
+        return cls(_open(path, writable), path)
 
     @classmethod
     def create(cls, path: Path, name: str, config: dict[str, Any]) -> Store:
         tmp = path.with_name(f".{path.name}.creating")
-        _remove_database(tmp)  # left over from a creation that was killed
-        db = sqlite3.connect(tmp)
-        with db:
-            db.executescript(SCHEMA)
-            db.execute(
-                "INSERT INTO experiment (id, name, config, config_hash, created_at) VALUES (1, ?, ?, ?, ?)",
-                (name, json.dumps(config, sort_keys=True), config_hash(config), _now()),
-            )
-        db.close()
-        tmp.replace(path)
+        try:
+            _remove_database(tmp)  # left over from a creation that was killed
+            db = sqlite3.connect(tmp)
+            try:
+                db.executescript(SCHEMA_V1)
+                _migrate(db)
+                with db:
+                    db.execute(
+                        "INSERT INTO experiment (id, name, config, config_hash, created_at) VALUES (1, ?, ?, ?, ?)",
+                        (name, json.dumps(config, sort_keys=True), config_hash(config), _now()),
+                    )
+            finally:
+                db.close()
+            tmp.replace(path)
+        except (OSError, sqlite3.Error) as exc:
+            _remove_database(tmp)
+            raise UserError(f"cannot create {path}: {_reason(exc)}") from None
         return cls.open(path)
 
     @classmethod
     def for_experiment(cls, path: Path, name: str, config: dict[str, Any], force: bool = False) -> Store:
-        """The database of this experiment at `path`: created, or reopened to resume. One holding another
-        experiment is refused unless `force`, which discards it."""
+        """The database of this experiment at `path`: created, or reopened to resume, and locked against every
+        other writer until closed. One holding another experiment is refused unless `force`, which discards it."""
+        lock = _lock(path)
+        try:
+            store = cls._for_experiment(path, name, config, force)
+        except BaseException:
+            os.close(lock)
+            raise
+        store._lock = lock
+        return store
+
+    @classmethod
+    def _for_experiment(cls, path: Path, name: str, config: dict[str, Any], force: bool) -> Store:
         if not path.exists():
             return cls.create(path, name, config)
         store = cls.open(path)
@@ -144,15 +200,24 @@ class Store:
             return store
         store.close()
         if not force:
+            old = store.experiment.config
+            changed = [key for key in sorted({*old, *config}) if old.get(key) != config.get(key)]
+            what = ", ".join(f"{key} {_brief(old.get(key))} then, {_brief(config.get(key))} now" for key in changed)
             raise UserError(
-                f"{path.parent} holds results of a different experiment ({store.experiment.name!r}, "
-                "other settings); use --force to discard them and start afresh, or choose another --out"
+                f"{path.parent} holds results of a different experiment ({store.experiment.name!r}: {what}); "
+                + FORCE_HINT
             )
-        _remove_database(path)
+        try:
+            _remove_database(path)
+        except OSError as exc:
+            raise UserError(f"cannot remove {path}: {exc.strerror}") from None
         return cls.create(path, name, config)
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -162,51 +227,92 @@ class Store:
 
     # ------------------------------------------------------------------------------------- writing
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failed write (disk full, read-only file) rolls back, leaving every earlier
+        transaction intact, and becomes one line."""
+        try:
+            with self._db:
+                yield self._db
+        except sqlite3.Error as exc:
+            raise UserError(
+                f"cannot write {self.path}: {_reason(exc)}; what it holds is intact: fix that and run the same "
+                "command again to resume"
+            ) from None
+
     def record_environment(self, info: dict[str, Any]) -> int:
-        with self._db:
-            cursor = self._db.execute(
+        with self._transaction() as db:
+            cursor = db.execute(
                 "INSERT INTO environments (recorded_at, info) VALUES (?, ?)", (_now(), json.dumps(info, default=str))
             )
         return cursor.lastrowid
 
     def ensure_task(
-        self, position: int, model: str, recipe: Recipe, dataset: str, replace_changed: bool = False
+        self,
+        position: int,
+        model: str,
+        recipe: Recipe,
+        dataset: str,
+        identity: dict[str, Any] | None = None,
+        replace_changed: bool = False,
     ) -> int:
-        """The id of the (model, recipe, dataset) task, added as pending on first sight. A stored task whose
-        recipe of this name was defined otherwise holds another recipe's results: refused, or with
-        `replace_changed` dropped with its rows (a search's mix, chosen again on more data)."""
+        """The id of the (model, recipe, dataset) task, added as pending on first sight. `identity`: what its
+        rows are computed from besides the recipe (model content, data location, device: see
+        `studies.identity.run_identity`). A stored task computed from anything else, a recipe of this name
+        defined otherwise included, holds other results: refused, or with `replace_changed` dropped with its
+        rows (a search's mix, chosen again on more data). A key the stored task lacks (written before it was
+        recorded) is taken as it is now."""
         spec = json.dumps(recipe.to_dict())
+        current = {"recipe": recipe.to_dict(), **(identity or {})}
         key = (model, recipe.name, dataset)
-        with self._db:
-            found = self._db.execute(
-                "SELECT id, recipe_spec FROM tasks WHERE model = ? AND recipe = ? AND dataset = ?", key
+        with self._transaction() as db:
+            found = db.execute(
+                "SELECT id, recipe_spec, identity FROM tasks WHERE model = ? AND recipe = ? AND dataset = ?", key
             ).fetchone()
-            if found and found[1] != spec:
-                if not replace_changed:
-                    raise UserError(
-                        f"{self.path} holds results of another recipe named {recipe.name!r} (on {dataset}); "
-                        "use --force to discard them, or choose another --out"
-                    )
-                self._db.execute("DELETE FROM utterances WHERE task_id = ?", (found[0],))
-                self._db.execute("DELETE FROM tasks WHERE id = ?", (found[0],))
-                found = None
             if found:
-                return found[0]
-            cursor = self._db.execute(
-                "INSERT INTO tasks (position, model, recipe, recipe_spec, dataset) VALUES (?, ?, ?, ?, ?)",
-                (position, model, recipe.name, spec, dataset),
+                task_id, stored_spec, stored_identity = found
+                stored = json.loads(stored_identity) if stored_identity else {"recipe": json.loads(stored_spec)}
+                changed = next((k for k in current if k in stored and stored[k] != current[k]), None)
+                if changed is not None and not replace_changed:
+                    raise UserError(_changed_message(self.path, model, recipe.name, dataset, changed, stored, current))
+                if changed is None:
+                    if stored != current:
+                        db.execute("UPDATE tasks SET identity = ? WHERE id = ?", (json.dumps(current), task_id))
+                    return task_id
+                db.execute("DELETE FROM utterances WHERE task_id = ?", (task_id,))
+                db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            cursor = db.execute(
+                "INSERT INTO tasks (position, model, recipe, recipe_spec, dataset, identity) VALUES (?, ?, ?, ?, ?, ?)",
+                (position, model, recipe.name, spec, dataset, json.dumps(current)),
             )
         return cursor.lastrowid
 
     def add_rows(self, task_id: int, rows: Iterable[UtteranceResult], environment_id: int | None = None) -> None:
         """One transaction per batch; a row already stored (a batch delivered twice) is kept as it was."""
-        with self._db:
-            self._db.executemany(
-                "INSERT OR IGNORE INTO utterances (task_id, utterance_id, reference, hypothesis, ref_words, "
-                "word_errors, ref_chars, char_errors, audio_seconds, seconds, environment_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(task_id, r.id, *(getattr(r, f) for f in ROW_FIELDS), r.seconds, environment_id) for r in rows],
+        with self._transaction() as db:
+            db.executemany(
+                f"INSERT OR IGNORE INTO utterances (task_id, utterance_id, {', '.join(ROW_FIELDS)}, checksum, "
+                f"environment_id) VALUES ({', '.join('?' * (len(ROW_FIELDS) + 4))})",
+                [(task_id, r.id, *_values(r), _checksum(r), environment_id) for r in rows],
             )
+
+    def drop_stale(
+        self, task_id: int, expected: Mapping[str, tuple[str, str | None]], keep_unlisted: bool = False
+    ) -> list[str]:
+        """Delete the task's rows that were computed from other data than `expected` (utterance id ->
+        (`Dataset.fingerprint`, reference text) now) says, and, unless `keep_unlisted`, rows of utterances it
+        no longer lists; returns their ids. A row written before fingerprints is judged by its reference."""
+        stale = [
+            row.id
+            for row in self.rows(task_id)
+            if (row.id not in expected and not keep_unlisted) or (row.id in expected and _stale(row, *expected[row.id]))
+        ]
+        if stale:
+            with self._transaction() as db:
+                db.executemany(
+                    "DELETE FROM utterances WHERE task_id = ? AND utterance_id = ?", [(task_id, i) for i in stale]
+                )
+        return stale
 
     def set_status(
         self, task_id: int, status: str, error: str | None = None, environment_id: int | None = None
@@ -218,15 +324,15 @@ class Store:
         else:
             sql = "UPDATE tasks SET status = ?, error = ?, finished_at = ? WHERE id = ?"
             args = (status, error, None if status == "pending" else _now(), task_id)
-        with self._db:
-            self._db.execute(sql, args)
+        with self._transaction() as db:
+            db.execute(sql, args)
 
     def merge_info(self, task_id: int, info: dict[str, Any]) -> None:
         """Add keys to a task's info (in Python, not json_patch, which would drop keys whose value is null)."""
-        with self._db:
-            (stored,) = self._db.execute("SELECT info FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        with self._transaction() as db:
+            (stored,) = db.execute("SELECT info FROM tasks WHERE id = ?", (task_id,)).fetchone()
             merged = {**json.loads(stored), **info}
-            self._db.execute("UPDATE tasks SET info = ? WHERE id = ?", (json.dumps(merged, default=str), task_id))
+            db.execute("UPDATE tasks SET info = ? WHERE id = ?", (json.dumps(merged, default=str), task_id))
 
     # ------------------------------------------------------------------------------------- reading
 
@@ -238,12 +344,27 @@ class Store:
         return {row[0] for row in cursor}
 
     def rows(self, task_id: int) -> list[UtteranceResult]:
+        """The task's rows, each checked against its checksum (or, written before checksums, against the
+        error counts of its texts): a row altered since it was written is refused as corrupt, by its id."""
         cursor = self._db.execute(
-            f"SELECT utterance_id, {', '.join(ROW_FIELDS)}, seconds FROM utterances "
+            f"SELECT utterance_id, {', '.join(ROW_FIELDS)}, checksum FROM utterances "
             "WHERE task_id = ? ORDER BY utterance_id",
             (task_id,),
         )
-        return [UtteranceResult(*row) for row in cursor]
+        rows = []
+        for utterance_id, *values, checksum in cursor:
+            row = UtteranceResult(utterance_id, *values)
+            if (checksum != _checksum(row)) if checksum else (row.rescored() != row):
+                model, recipe, dataset = self._db.execute(
+                    "SELECT model, recipe, dataset FROM tasks WHERE id = ?", (task_id,)
+                ).fetchone()
+                what = "its checksum" if checksum else "the error counts of its texts"
+                raise UserError(
+                    f"{self.path} is corrupt: the stored row of utterance {utterance_id!r} ({model} {recipe} on "
+                    f"{dataset}) no longer matches {what}; restore the file from a copy, or move it away and run again"
+                )
+            rows.append(row)
+        return rows
 
     def results(self) -> list[dict[str, Any]]:
         """One dict per task in experiment order, as the report consumes them (see the results contract)."""
@@ -268,12 +389,157 @@ class Store:
         return results
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA journal_mode = WAL")  # readers (a report, a test) never block the writer
-    db.execute("PRAGMA synchronous = FULL")  # a committed batch survives power loss, not only a kill
-    db.execute("PRAGMA foreign_keys = ON")
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def _values(row: UtteranceResult) -> tuple[Any, ...]:
+    return tuple(getattr(row, field) for field in ROW_FIELDS)
+
+
+def _checksum(row: UtteranceResult) -> str:
+    """A hash of every stored field of the row: its pieces (texts, counts, timing, source) are written together
+    and must be read back together (floats go through JSON's shortest round-trip form, as SQLite keeps them)."""
+    fields = json.dumps([row.id, *_values(row)], ensure_ascii=False)
+    return hashlib.sha256(fields.encode()).hexdigest()[:32]
+
+
+def _stale(row: UtteranceResult, source: str, text: str | None) -> bool:
+    return row.source != source if row.source else row.reference != text
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """A value for a one-line message: whole if it is a string (a path), else cut at `limit` characters."""
+    text = json.dumps(value, sort_keys=True)
+    return text if isinstance(value, str) or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _changed_message(
+    path: Path, model: str, recipe: str, dataset: str, key: str, stored: dict[str, Any], current: dict[str, Any]
+) -> str:
+    if key == "recipe":
+        return f"{path} holds results of another recipe named {recipe!r} (on {dataset}); {FORCE_HINT}"
+    return (
+        f"{path} holds results of {model} {recipe} on {dataset} computed with other {key}: "
+        f"{_brief(stored[key])} then, {_brief(current[key])} now; {FORCE_HINT}"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+# ------------------------------------------------------------------------------------------- connections
+
+
+def _open(path: Path, writable: bool) -> sqlite3.Connection:
+    """Check what `path` is before anything could write to it (SQLite's header, then the schema), then
+    connect: read-write with WAL, or read-only."""
+    if not path.is_file():
+        raise UserError(f"no results database at {path}")
+    try:
+        with open(path, "rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if not header:
+        raise UserError(f"{path} is empty (0 bytes), not a whisper-ptq results database; move it away or delete it")
+    if header != SQLITE_HEADER:
+        raise UserError(f"{path} is corrupt or not a SQLite database (no SQLite header); move it away or delete it")
+    db = sqlite3.connect(path) if writable else _connect_read_only(path)
+    try:
+        _check_ours(db, path)
+        if writable:
+            db.execute("PRAGMA journal_mode = WAL")  # readers (a report, a test) never block the writer
+            db.execute("PRAGMA synchronous = FULL")  # a committed batch survives power loss, not only a kill
+            db.execute("PRAGMA foreign_keys = ON")
+            _migrate(db)
+        elif db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            memory = sqlite3.connect(":memory:")  # migrated where reading it changes nothing on disk
+            db.backup(memory)
+            db.close()
+            db = memory
+            _migrate(db)
+    except UserError:
+        db.close()
+        raise
+    except sqlite3.Error as exc:
+        db.close()
+        raise UserError(f"cannot open {path}: {exc}") from None
     return db
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write. In a folder it cannot write either, SQLite cannot make the shared-memory
+    file a WAL database is read through, so it is read as immutable: safe, since nothing can write there, as
+    long as no write-ahead log holds commits not yet merged into the file."""
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    if not os.access(path.parent, os.W_OK):
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise UserError(f"cannot read {path}: its folder is read-only and {wal} holds writes not yet merged")
+        uri += "&immutable=1"
+    try:
+        return sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _check_ours(db: sqlite3.Connection, path: Path) -> None:
+    try:
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{path} is corrupt or not a SQLite database ({exc}); move it away or delete it") from None
+    if check != "ok":
+        raise UserError(f"{path} is corrupt ({check}); move it away or delete it")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{path} was written by a newer whisper-ptq (schema version {version}); upgrade to read it")
+    if version < 1 or not TABLES <= tables:
+        raise UserError(f"{path} is not a whisper-ptq results database (schema version {version})")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Apply every migration the database lacks, each in one transaction with its new version number."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for start in range(version, SCHEMA_VERSION):
+        try:
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[start]}; PRAGMA user_version = {start + 1}; COMMIT;")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.rollback()
+            raise
+
+
+def _lock(path: Path) -> int:
+    """Hold the exclusive lock of the database at `path`: an open descriptor, released when it is closed or
+    when the process dies. Refused, naming the holder's PID, while another process holds it."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write to {path.parent}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = b""
+        for _ in range(50):  # the holder writes its PID just after it gets the lock
+            holder = os.pread(fd, 32, 0).strip()
+            if holder:
+                break
+            time.sleep(0.01)
+        os.close(fd)
+        raise UserError(
+            f"{path.parent} is in use by another whisper-ptq run (PID {holder.decode() or 'unknown'}); "
+            "wait for it to end, or choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _remove_database(path: Path) -> None:

@@ -4,7 +4,10 @@ Everything is validated before anything runs: the file's keys and types, every r
 (and the calibration set when a static recipe will run). Then each (model, recipe) becomes one job for an
 executor (one worker process each, locally), while this process, the driver, alone writes the results
 database from the events the jobs stream back. What the database already holds is not run again, so a
-re-run into the same directory resumes an interrupted sweep and a finished one costs nothing.
+re-run into the same directory resumes an interrupted sweep and a finished one costs nothing; only one run
+at a time writes a directory (the database's lock). What the database holds is reused only when computed
+from the same model, data and audio as now (`studies.identity`, `Dataset.fingerprint`); rows of changed audio
+or text are computed again, and a row a worker computed from other data than the driver sees is not stored.
 """
 
 from __future__ import annotations
@@ -20,19 +23,20 @@ from rich.table import Table
 from tqdm import tqdm
 
 from whisper_ptq.backends import backend_for, get_recipe, library_packages
-from whisper_ptq.data import open_dataset
+from whisper_ptq.data import open_dataset, resolve_data_root
 from whisper_ptq.data.datasets import calibration_dataset
 from whisper_ptq.data.specs import dataset_label
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors import make_executor
 from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows
-from whisper_ptq.models.sources import resolve_model
+from whisper_ptq.models.sources import default_cache_dir
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment
 from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.store import RESULTS_FILE, Store
 from whisper_ptq.settings import Settings
 from whisper_ptq.studies.experiment import Experiment
+from whisper_ptq.studies.identity import model_content, run_identity
 
 # ---------------------------------------------------------------------------------------------- planning
 
@@ -47,14 +51,16 @@ class Task:
     dataset: str  # canonical spec
     ids: tuple[str, ...]  # the utterances it evaluates, in dataset order
     skip: str | None  # why the recipe cannot run here; None when it can
+    identity: dict[str, Any] = field(default_factory=dict, compare=False)  # `run_identity`
+    # utterance id -> (`Dataset.fingerprint`, reference text): what each row must be computed from
+    expected: dict[str, tuple[str, str | None]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def plan(experiment: Experiment, settings: Settings) -> list[Task]:
     """All tasks in experiment order (models x recipes x datasets, the fp32 baseline first), after
     validating every name: nothing has run when this raises."""
     try:
-        for model in _unique(experiment.models, "model"):
-            resolve_model(model, settings.cache_dir)
+        models = {model: model_content(model, settings.cache_dir) for model in _unique(experiment.models, "model")}
         recipes = _baseline_first([get_recipe(text) for text in _unique(experiment.recipes, "recipe")])
         datasets = [
             open_dataset(spec, settings.data_root).limit(experiment.limit) for spec in experiment.dataset_specs()
@@ -68,9 +74,19 @@ def plan(experiment: Experiment, settings: Settings) -> list[Task]:
             calibration_dataset(settings, datasets)
     except UserError as exc:
         raise UserError(f"{experiment.source or experiment.name}: {exc}") from None
+    expected = {d.spec: {u.id: (d.fingerprint(u), u.text) for u in d.utterances} for d in datasets}
     cells = [(m, r, d) for m in experiment.models for r in recipes for d in datasets]
     return [
-        Task(i, model, recipe, dataset.spec, tuple(u.id for u in dataset.utterances), skips[recipe.name])
+        Task(
+            i,
+            model,
+            recipe,
+            dataset.spec,
+            tuple(u.id for u in dataset.utterances),
+            skips[recipe.name],
+            run_identity(models[model], dataset, settings),
+            expected[dataset.spec],
+        )
         for i, (model, recipe, dataset) in enumerate(cells)
     ]
 
@@ -109,9 +125,14 @@ class SweepResult:
 
 
 def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
-    settings = experiment.settings(options.data_root, options.cache_dir)
+    # Absolute paths: a worker, local or on another node, reads exactly what the driver checked.
+    data_root = resolve_data_root(options.data_root).absolute()
+    settings = experiment.settings(data_root, default_cache_dir(options.cache_dir).absolute())
     tasks = plan(experiment, settings)
-    options.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {options.out_dir}: {exc.strerror}") from None
     with Store.for_experiment(
         options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force
     ) as store:
@@ -126,7 +147,10 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
                 "argv": sys.argv,
             }
         )
-        task_ids = {task: store.ensure_task(task.position, task.model, task.recipe, task.dataset) for task in tasks}
+        task_ids = {
+            task: store.ensure_task(task.position, task.model, task.recipe, task.dataset, task.identity)
+            for task in tasks
+        }
         jobs = _jobs(tasks, task_ids, store, settings)
         recorder = _Recorder(store, env_id, jobs, tasks, task_ids, options.progress)
         if jobs:
@@ -136,10 +160,20 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
 
 
 def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings) -> list[Job]:
-    """The work still to do, one job per (model, recipe); settles the tasks that need none."""
+    """The work still to do, one job per (model, recipe); settles the tasks that need none. Stored rows whose
+    audio or reference text has changed since, or whose utterance the dataset no longer lists, are dropped
+    (and said so) to be computed again."""
     parts: dict[tuple[str, Recipe], list[Part]] = {}
     for task in tasks:
         task_id = task_ids[task]
+        stale = store.drop_stale(task_id, task.expected)
+        if stale:
+            tqdm.write(
+                f"{task.model} {task.recipe.name} {dataset_label(task.dataset)}: {len(stale)} stored rows were "
+                f"computed from other audio or text than the dataset holds now ({', '.join(stale[:3])}"
+                f"{', ...' if len(stale) > 3 else ''}): computing them again",
+                file=sys.stderr,
+            )
         stored = store.done_ids(task_id)
         todo = tuple(i for i in task.ids if i not in stored)
         if not todo:
@@ -167,6 +201,7 @@ class _Recorder:
     ):
         self.store, self.environment_id, self.progress = store, environment_id, progress
         by_cell = {(t.model, t.recipe, t.dataset): (task_ids[t], len(t.ids)) for t in tasks}
+        self.expected = {task_ids[t]: t.expected for t in tasks}
         # (job index, dataset) -> (task id, utterances the task has in all)
         self.parts = {(j.index, p.dataset): by_cell[j.model, j.recipe, p.dataset] for j in jobs for p in j.parts}
         self.todo = {(j.index, p.dataset): len(p.todo) for j in jobs for p in j.parts}
@@ -189,8 +224,19 @@ class _Recorder:
                     self.store.merge_info(task_id, info)
                     self.store.set_status(task_id, "running", environment_id=self.environment_id)
             case Rows(job=job, dataset=dataset, rows=rows):
-                self.store.add_rows(self.parts[job, dataset][0], rows, self.environment_id)
+                task_id = self.parts[job, dataset][0]
+                expected = self.expected[task_id]
+                # A worker elsewhere may see another copy of the data, or a file may change during the run.
+                other = [r.id for r in rows if r.source != expected[r.id][0]]
+                self.store.add_rows(task_id, [r for r in rows if r.id not in other], self.environment_id)
                 self._bar(job, dataset).update(len(rows))
+                if other and self.store.status(task_id) in ("pending", "running"):
+                    self._end(
+                        task_id,
+                        "failed",
+                        f"utterance {other[0]} was read from other audio or text by the worker than by the driver "
+                        "(changed during the run, or another copy of the data); not stored",
+                    )
             case Finished(job=job, dataset=dataset, info=info):
                 task_id, total = self.parts[job, dataset]
                 self.store.merge_info(task_id, info)

@@ -181,11 +181,11 @@ def select_experiment(
 
 
 def stored_experiment(out: Path) -> Experiment:
-    with Store.open(out / RESULTS_FILE) as store:
+    with Store.open(out / RESULTS_FILE, writable=False) as store:
         return Experiment.from_config(store.experiment.config, str(out / RESULTS_FILE))
 
 
 def stored_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The experiment config and the results an output dir holds (the report's input)."""
-    with Store.open(out / RESULTS_FILE) as store:
+    with Store.open(out / RESULTS_FILE, writable=False) as store:
         return store.experiment.config, store.results()

@@ -27,6 +27,7 @@ from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.store import Store
 from whisper_ptq.settings import Settings
 from whisper_ptq.studies.groups import Group
+from whisper_ptq.studies.identity import model_content, run_identity
 
 if TYPE_CHECKING:
     from whisper_ptq.evaluation import Quantized
@@ -117,13 +118,27 @@ class Runner:
         self.environment_id = store.record_environment({**environment(library_packages()), "argv": sys.argv})
         self.position = 0
         self.encoder_outputs = EncoderOutputs()
+        self.model_content = model_content(model, settings.cache_dir)
+        # (dataset spec, utterances) -> what `Store.drop_stale` expects; a limited dataset is a prefix of its spec's
+        self.expected: dict[tuple[str, int], dict[str, tuple[str, str | None]]] = {}
+
+    def _expected(self, dataset: Dataset) -> dict[str, tuple[str, str | None]]:
+        key = (dataset.spec, len(dataset.utterances))
+        if key not in self.expected:
+            self.expected[key] = {u.id: (dataset.fingerprint(u), u.text) for u in dataset.utterances}
+        return self.expected[key]
 
     def measure(self, run: Run, dataset: Dataset, replace_changed: bool = False) -> Measurement:
         """The run's figures over exactly `dataset`'s utterances (the task may hold more, from a run with a
-        larger limit into the same database). `replace_changed`: see `Store.ensure_task`."""
-        task_id = self.store.ensure_task(self.position, self.model, run.recipe, dataset.spec, replace_changed)
+        larger limit into the same database). `replace_changed`: see `Store.ensure_task`. Stored rows of audio
+        or text that changed since are computed again."""
+        identity = run_identity(self.model_content, dataset, self.settings)
+        task_id = self.store.ensure_task(
+            self.position, self.model, run.recipe, dataset.spec, identity, replace_changed=replace_changed
+        )
         self.position += 1
         ids = {u.id for u in dataset.utterances}
+        self.store.drop_stale(task_id, self._expected(dataset), keep_unlisted=True)
         stored = self.store.done_ids(task_id)
         if ids - stored:
             self._evaluate(run, dataset, task_id, stored)

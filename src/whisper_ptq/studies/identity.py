@@ -1,0 +1,23 @@
+"""What a stored run is computed from besides its recipe, compared by the results database before it reuses a
+task's rows (`Store.ensure_task`). One flat dict: a new setting that changes hypotheses is one more key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from whisper_ptq.data import Dataset
+from whisper_ptq.models.sources import model_fingerprint, resolve_model
+from whisper_ptq.settings import Settings
+
+
+def model_content(model: str, cache_dir: Path | None) -> str | None:
+    """The fingerprint of the files `model` loads from (None for a hub id: see `model_fingerprint`)."""
+    return model_fingerprint(resolve_model(model, cache_dir))
+
+
+def run_identity(model: str | None, dataset: Dataset, settings: Settings) -> dict[str, Any]:
+    """`model`: `model_content` of the run's model. The data is identified by where it was read from (the same
+    spec under another data root, or a relative manifest path from another folder, is other data); each row
+    also carries the fingerprint of its own audio and text (`Dataset.fingerprint`)."""
+    return {"model": model, "data": str(dataset.root.resolve()), "device": settings.device}
