@@ -48,6 +48,10 @@ class DecodingOptions:
         written before decoding options existed keep their identity)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
+    def identify(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A study's results-database identity with these options in it (only when not the defaults)."""
+        return {**config, "decoding": self.changed()} if self.changed() else config
+
     def check_model(self, english_only: bool, model: str) -> None:
         """Refuse what an English-only (.en) model cannot do."""
         if english_only and self.language not in ("en", AUTO):

@@ -18,6 +18,7 @@ import platformdirs
 
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
+from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE
 
 CT2_FILES = ("model.bin", "config.json", "tokenizer.json")
 
@@ -95,6 +96,18 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None) -> ModelSource
         f"unknown model {spec!r}: use a packaged model ({', '.join(PACKAGED_MODELS)}), "
         "a hub id like openai/whisper-small, or a local transformers or CTranslate2 directory"
     )
+
+
+def english_only(source: ModelSource) -> bool | None:
+    """Whether the model has only English (a `.en` model), read from its config without loading weights;
+    None when that needs the model (a hub id not named `*.en`)."""
+    if source.kind == "hub":
+        return True if source.spec.endswith(".en") else None
+    assert source.path is not None
+    config = read_json(source.path / "config.json")
+    if source.kind == "transformers":
+        return int(config.get("vocab_size", 0)) <= ENGLISH_ONLY_VOCAB_SIZE
+    return not config.get("lang_ids")  # CTranslate2's config lists a multilingual model's language tokens
 
 
 def _local_dir_kind(path: Path) -> str:
@@ -177,5 +190,3 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {first_line(exc)}") from exc
-
-

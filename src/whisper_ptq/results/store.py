@@ -16,7 +16,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,16 @@ STATUSES = ("pending", "running", "done", "failed", "skipped")
 # A task that has not ended is "partial" in results(): it resumes on the next run.
 RESULT_STATUS = {"pending": "partial", "running": "partial", "done": "done", "failed": "failed", "skipped": "skipped"}
 ROW_FIELDS = ("reference", "hypothesis", "ref_words", "word_errors", "ref_chars", "char_errors", "audio_seconds")
+# Row columns added after schema version 1 first shipped, with what a row written before them holds: S/D/I are
+# recomputed from the texts, and older engines decoded at most the first 30 s of an utterance.
+ADDED_ROW_COLUMNS = {
+    "substitutions": ("INTEGER NOT NULL DEFAULT 0", "substitutions"),
+    "deletions": ("INTEGER NOT NULL DEFAULT 0", "deletions"),
+    "insertions": ("INTEGER NOT NULL DEFAULT 0", "insertions"),
+    "language": ("TEXT NOT NULL DEFAULT 'en'", "language"),
+    "hit_token_limit": ("INTEGER NOT NULL DEFAULT 0", "hit_token_limit"),
+    "decoded_seconds": ("REAL", "COALESCE(decoded_seconds, MIN(audio_seconds, 30.0))"),
+}
 
 SCHEMA = f"""
 CREATE TABLE experiment (
@@ -72,6 +82,7 @@ CREATE TABLE utterances (
     audio_seconds REAL NOT NULL,
     seconds REAL NOT NULL,
     environment_id INTEGER REFERENCES environments (id),
+    {", ".join(f"{name} {kind}" for name, (kind, _) in ADDED_ROW_COLUMNS.items())},
     UNIQUE (task_id, utterance_id)
 );
 PRAGMA user_version = {SCHEMA_VERSION};
@@ -116,6 +127,7 @@ class Store:
             raise UserError(f"{path} is corrupt ({check}); move it away or delete it")
         if version != SCHEMA_VERSION:
             raise UserError(f"{path} is not a whisper-ptq results database (schema version {version})")
+        _add_row_columns(db)
         return cls(db, path)
 
     @classmethod
@@ -201,11 +213,20 @@ class Store:
     def add_rows(self, task_id: int, rows: Iterable[UtteranceResult], environment_id: int | None = None) -> None:
         """One transaction per batch; a row already stored (a batch delivered twice) is kept as it was."""
         with self._db:
+            columns = ["task_id", "utterance_id", *ROW_FIELDS, "seconds", "environment_id", *ADDED_ROW_COLUMNS]
             self._db.executemany(
-                "INSERT OR IGNORE INTO utterances (task_id, utterance_id, reference, hypothesis, ref_words, "
-                "word_errors, ref_chars, char_errors, audio_seconds, seconds, environment_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(task_id, r.id, *(getattr(r, f) for f in ROW_FIELDS), r.seconds, environment_id) for r in rows],
+                f"INSERT OR IGNORE INTO utterances ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                [
+                    (
+                        task_id,
+                        r.id,
+                        *(getattr(r, f) for f in ROW_FIELDS),
+                        r.seconds,
+                        environment_id,
+                        *(getattr(r, f) for f in ADDED_ROW_COLUMNS),
+                    )
+                    for r in rows
+                ],
             )
 
     def set_status(
@@ -238,12 +259,14 @@ class Store:
         return {row[0] for row in cursor}
 
     def rows(self, task_id: int) -> list[UtteranceResult]:
+        added = ", ".join(value for _, value in ADDED_ROW_COLUMNS.values())
         cursor = self._db.execute(
-            f"SELECT utterance_id, {', '.join(ROW_FIELDS)}, seconds FROM utterances "
+            f"SELECT utterance_id, {', '.join(ROW_FIELDS)}, seconds, {added} FROM utterances "
             "WHERE task_id = ? ORDER BY utterance_id",
             (task_id,),
         )
-        return [UtteranceResult(*row) for row in cursor]
+        rows = [UtteranceResult(*row) for row in cursor]
+        return [replace(r, hit_token_limit=bool(r.hit_token_limit)) for r in rows]
 
     def results(self) -> list[dict[str, Any]]:
         """One dict per task in experiment order, as the report consumes them (see the results contract)."""
@@ -266,6 +289,16 @@ class Store:
                 }
             )
         return results
+
+
+def _add_row_columns(db: sqlite3.Connection) -> None:
+    """Give a database written before `ADDED_ROW_COLUMNS` existed those columns (additive: its rows keep their
+    values and read back with the columns' defaults)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(utterances)")}
+    with db:
+        for name, (kind, _) in ADDED_ROW_COLUMNS.items():
+            if name not in present:
+                db.execute(f"ALTER TABLE utterances ADD COLUMN {name} {kind}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
