@@ -52,6 +52,15 @@ def serialized_bytes(save: Callable[[Path], None]) -> int:
         return directory_bytes(Path(tmp))
 
 
+def check_language(bundle: WhisperBundle, settings: Settings) -> None:
+    """Refuse decoding options the loaded model cannot honour (its languages are known only now)."""
+    decoding = settings.decoding
+    decoding.check_model(bundle.english_only, bundle.source.spec)
+    token = f"<|{decoding.language}|>"
+    if not bundle.english_only and decoding.language != "auto" and token not in bundle.processor.tokenizer.get_vocab():
+        raise UserError(f"model {bundle.source.spec} has no language {decoding.language!r}", param="language")
+
+
 class Quantized:
     """A Whisper model prepared by one recipe (quantized, or restored from an export), ready to transcribe and to
     evaluate on any number of datasets. `info` holds the facts recorded with every run (size, recipe, threads,
@@ -77,7 +86,7 @@ class Quantized:
             "calibration_utterances": len(calib.utterances) if calib else 0,
         }
         bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
-        settings.decoding.check_model(bundle.english_only, bundle.source.spec)
+        check_language(bundle, settings)
         return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, calibration_info)
 
     @classmethod
@@ -88,7 +97,7 @@ class Quantized:
         recipe = export_recipe(path)
         check_runnable(recipe, settings.device)
         bundle = load_export_bundle(path)
-        settings.decoding.check_model(bundle.english_only, str(path))
+        check_language(bundle, settings)
         backend = backend_for(recipe)
         restore = lambda b, r, ctx: backend.load(b, r, Path(path) / "weights", ctx)  # noqa: E731
         return cls._build(bundle, recipe, settings, BuildContext(device=settings.device), restore, {})

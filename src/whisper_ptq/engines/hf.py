@@ -73,7 +73,12 @@ class HFTranscriber:
             out = self.model.generate(inputs, **kwargs)
         sequences = out.sequences if search.scores else out
         tokens = vocabulary(self).tokens(prompt, self.max_target_positions)
-        return self._decoded(sequences, tokens, out if search.scores else None, search)
+        # Whisper's generate drops the prompt and the end-of-text, and counts max_length in new tokens.
+        limit = min(
+            int(kwargs.get("max_length", self.model.generation_config.max_length)),
+            self.max_target_positions - len(tokens),
+        )
+        return self._decoded(sequences, tokens, out if search.scores else None, search, limit)
 
     def _generic(self, inputs: torch.Tensor, prompt: Prompt, search: Search) -> list[Decoded]:
         from transformers import GenerationMixin, LogitsProcessorList
@@ -109,16 +114,21 @@ class HFTranscriber:
                 logits_processor=processors,
                 decoder_input_ids=prompt_ids,
             )
-        return self._decoded(out.sequences, tokens, out if search.scores else None, search)
+        return self._decoded(
+            out.sequences, tokens, out if search.scores else None, search, config.max_length - len(tokens)
+        )
 
-    def _decoded(self, sequences: torch.Tensor, prompt: tuple[int, ...], out: Any, search: Search) -> list[Decoded]:
-        """Whisper's own generate returns the generated tokens only, `GenerationMixin.generate` the prompt too."""
+    def _decoded(
+        self, sequences: torch.Tensor, prompt: tuple[int, ...], out: Any, search: Search, limit: int
+    ) -> list[Decoded]:
+        """Rows of generated tokens (`GenerationMixin.generate` returns the prompt too), cut at the end-of-text;
+        a row that used all `limit` new tokens without one stopped at the token limit."""
         eos = int(self.model.generation_config.eos_token_id)
         results = []
         for row, ids in enumerate(sequences.tolist()):
             generated = ids[len(prompt) :] if tuple(ids[: len(prompt)]) == prompt else ids
-            finished = eos in generated
-            tokens = tuple(generated[: generated.index(eos)] if finished else generated)
+            tokens = tuple(generated[: generated.index(eos)] if eos in generated else generated)
+            finished = len(tokens) < limit
             results.append(Decoded(tokens, finished, _logprob(out, row, len(tokens) + finished, search)))
         return results
 
