@@ -97,3 +97,25 @@ def test_a_creation_killed_midway_leaves_nothing_in_the_way(db):
     (db.parent / f".{db.name}.creating").write_bytes(b"half a database")
     with Store.for_experiment(db, "t", CONFIG) as store:
         assert store.experiment.name == "t"
+
+
+def test_database_without_the_added_columns_is_completed(db):
+    """A database written before rows had S/D/I, language, token limit and decoded seconds still resumes."""
+    with Store.create(db, "t", CONFIG) as store:
+        task = store.ensure_task(0, "tiny.en", FP32, "librispeech:test-clean")
+    old = sqlite3.connect(db)
+    for column in ("substitutions", "deletions", "insertions", "language", "hit_token_limit", "decoded_seconds"):
+        old.execute(f"ALTER TABLE utterances DROP COLUMN {column}")
+    old.execute(
+        "INSERT INTO utterances (task_id, utterance_id, reference, hypothesis, ref_words, word_errors, ref_chars, "
+        "char_errors, audio_seconds, seconds) VALUES (?, 'u1', 'a b', 'a', 2, 1, 3, 2, 34.0, 1.0)",
+        (task,),
+    )
+    old.commit()
+    old.close()
+    with Store.open(db) as store:
+        [stored] = store.rows(task)
+        store.add_rows(task, [replace(row("u2"), language="de", hit_token_limit=True, decoded_seconds=2.0)])
+        rows = store.rows(task)
+    assert stored.decoded == 30.0 and stored.language == "en" and stored.hit_token_limit is False
+    assert rows[1].language == "de" and rows[1].hit_token_limit is True and rows[1].decoded == 2.0
