@@ -19,10 +19,10 @@ class HFTranscriber:
     """A transformers `WhisperForConditionalGeneration`, quantized in place or not: a window decoder of
     `engines.decoding`.
 
-    Short-form windows (no timestamps, no earlier text, not sampled) go through Whisper's own `generate` with
-    `generate_kwargs`, as before long form existed; the others through the generic `GenerationMixin.generate`
-    with the prompt `engines.decoding` built, Whisper's suppressed tokens and transformers'
-    `WhisperTimeStampLogitsProcessor` (OpenAI's timestamp rules).
+    Short-form windows (no timestamps, no earlier text, not sampled, no scores needed) go through Whisper's own
+    `generate` with `generate_kwargs`, as before long form existed; the others through the generic
+    `GenerationMixin.generate` with the prompt `engines.decoding` built, Whisper's suppressed tokens and
+    transformers' `WhisperTimeStampLogitsProcessor` (OpenAI's timestamp rules).
 
     `autocast` runs generation under CPU/CUDA autocast to that dtype (the bf16 reference uses it for the
     compute while keeping the fp32 weights untouched only when the recipe says so). Generation runs under
@@ -59,7 +59,7 @@ class HFTranscriber:
 
     def decode(self, features: np.ndarray, prompt: Prompt, search: Search) -> list[Decoded]:
         inputs = torch.from_numpy(features).to(self.device, self.input_dtype)
-        if not prompt.timestamps and not prompt.previous and search.temperature == 0:
+        if not prompt.timestamps and not prompt.previous and search.temperature == 0 and not search.scores:
             return self._short_form(inputs, prompt, search)
         return self._generic(inputs, prompt, search)
 
@@ -67,18 +67,15 @@ class HFTranscriber:
         kwargs = {**self.generate_kwargs, "num_beams": search.beam_size}
         if self.multilingual:
             kwargs.update(language=prompt.language, task=prompt.task)
-        if search.scores:
-            kwargs.update(return_dict_in_generate=True, output_scores=True)
         with self._running():
-            out = self.model.generate(inputs, **kwargs)
-        sequences = out.sequences if search.scores else out
+            sequences = self.model.generate(inputs, **kwargs)
         tokens = vocabulary(self).tokens(prompt, self.max_target_positions)
         # Whisper's generate drops the prompt and the end-of-text, and counts max_length in new tokens.
         limit = min(
             int(kwargs.get("max_length", self.model.generation_config.max_length)),
             self.max_target_positions - len(tokens),
         )
-        return self._decoded(sequences, tokens, out if search.scores else None, search, limit)
+        return self._decoded(sequences, tokens, None, search, limit)
 
     def _generic(self, inputs: torch.Tensor, prompt: Prompt, search: Search) -> list[Decoded]:
         from transformers import GenerationMixin, LogitsProcessorList
