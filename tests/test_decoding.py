@@ -4,6 +4,7 @@ them), with tiny.en's real tokenizer; the rest runs the packaged tiny.en on Libr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,3 +131,25 @@ def test_options_run_and_stay_close(ct2_int8, recordings) -> None:
     again = transcribe(ct2_int8, [long[: 45 * 16000]], options)
     assert [transcript] == again  # seeded: the same run gives the same text
     assert len(transcript.text.split()) > 100
+
+
+def test_an_engine_without_long_form_is_refused_before_it_runs(shared_data) -> None:
+    """No engine of this package lacks long form; one that did would be refused, naming the recording."""
+    from whisper_ptq.backends import BACKENDS, register
+    from whisper_ptq.backends.reference import ReferenceBackend
+    from whisper_ptq.errors import UserError
+    from whisper_ptq.preflight import check_decoding
+
+    class ShortOnly(ReferenceBackend):
+        library = "short-only"
+        long_form = False
+
+    register(ShortOnly())
+    try:
+        recipe = replace(get_recipe("fp32"), name="short", library="short-only")
+        long = open_dataset("librispeech:test-clean+concat:seconds=75,within=dataset", shared_data)
+        check_decoding(recipe, DecodingOptions(), [open_dataset("librispeech:test-clean", shared_data)])
+        with pytest.raises(UserError, match=r"utterance 1089-134686-0000\.\.1995-1837-0001 of .* lasts 72\.7 s"):
+            check_decoding(recipe, DecodingOptions(), [long])
+    finally:
+        del BACKENDS["short-only"]
