@@ -26,8 +26,8 @@ GERMAN = [
         "Today the sun is shining and the children are playing in the garden.",
     ),
     (
-        "Der Zug nach Berlin fährt um acht Uhr vom Hauptbahnhof ab.",
-        "The train to Berlin leaves the main station at eight o'clock.",
+        "Ich möchte eine Tasse Kaffee und ein Stück Kuchen bestellen.",
+        "I would like to order a cup of coffee and a piece of cake.",
     ),
 ]
 
@@ -59,7 +59,7 @@ def evaluate(folder: Path, manifest: str, cache: Path, **decoding):
 def test_german_with_the_basic_normalizer(german: Path, model_cache: Path) -> None:
     result = evaluate(german, "de.jsonl", model_cache, language="de")
     assert all(r.language == "de" for r in result.rows)
-    assert result.wer < 40, [r.hypothesis for r in result.rows]
+    assert result.wer < 30, [r.hypothesis for r in result.rows]
     assert result.info["decoding"]["language"] == "de"
 
 
