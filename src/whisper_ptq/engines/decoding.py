@@ -524,15 +524,14 @@ def _choose(
     import torch
 
     if logits.shortlist is None:
-        mixed = values.float()
         greedy = values.argmax(dim=-1)
     else:
         candidates, exact = logits.shortlist(values)
         exact = exact.float().masked_fill(values.gather(1, candidates).isinf(), float("-inf"))
         greedy = candidates.gather(1, exact.argmax(dim=-1, keepdim=True)).squeeze(1)
-        mixed = values.float().scatter(1, candidates, exact)
     if search is None or not (search.scores or search.temperature > 0):
         return greedy, None
+    mixed = values.float() if logits.shortlist is None else values.float().scatter(1, candidates, exact)
     logprobs = torch.log_softmax(mixed, dim=-1)
     if search.temperature > 0:
         probabilities = torch.softmax(mixed / search.temperature, dim=-1)
