@@ -56,7 +56,8 @@ class DecodingOptions:
         """Refuse what an English-only (.en) model cannot do."""
         if english_only and self.language not in ("en", AUTO):
             raise UserError(
-                f"model {model} is English-only: it cannot decode language {self.language!r}", param="language"
+                f"model {model} is English-only: language {self.language!r} needs a multilingual model",
+                param="language",
             )
         if english_only and self.task != "transcribe":
             raise UserError(

@@ -104,10 +104,11 @@ def english_only(source: ModelSource) -> bool | None:
     if source.kind == "hub":
         return True if source.spec.endswith(".en") else None
     assert source.path is not None
-    config = read_json(source.path / "config.json")
     if source.kind == "transformers":
-        return int(config.get("vocab_size", 0)) <= ENGLISH_ONLY_VOCAB_SIZE
-    return not config.get("lang_ids")  # CTranslate2's config lists a multilingual model's language tokens
+        return int(read_json(source.path / "config.json").get("vocab_size", 0)) <= ENGLISH_ONLY_VOCAB_SIZE
+    # A CTranslate2 folder: English-only models keep GPT-2's vocabulary, whose <|endoftext|> is token 50256.
+    added = read_json(source.path / "tokenizer.json").get("added_tokens", [])
+    return any(t.get("content") == "<|endoftext|>" and t.get("id") == 50256 for t in added)
 
 
 def _local_dir_kind(path: Path) -> str:
