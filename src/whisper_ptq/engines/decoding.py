@@ -114,7 +114,7 @@ class WindowDecoder(Protocol):
 @dataclass(frozen=True)
 class Transcript:
     text: str
-    language: str  # the language decoded (given or detected); "en" for English-only models
+    language: str  # the language of the text (given or detected; "en" for translations and English-only models)
     hit_token_limit: bool  # some window stopped at the token limit instead of its end-of-text
     decoded_seconds: float  # audio the windows covered
     windows: int
@@ -209,7 +209,7 @@ def transcribe(engine: WindowDecoder, audios: Sequence[np.ndarray], options: Dec
         for i, decoded, prompt in zip(short, _decode_all(engine, features, prompts, options), prompts, strict=True):
             text = _text(engine, vocab, decoded.tokens)
             seconds = len(audios[i]) / SAMPLE_RATE
-            results[i] = Transcript(text, prompt.language or "en", not decoded.finished, seconds, 1)
+            results[i] = Transcript(text, _text_language(prompt), not decoded.finished, seconds, 1)
     long = [i for i, audio in enumerate(audios) if len(audio) > N_SAMPLES]
     for i, transcript in zip(long, _long_form(engine, vocab, [audios[i] for i in long], options), strict=True):
         results[i] = transcript
@@ -224,6 +224,10 @@ def _languages(
     if options.language != AUTO:
         return [options.language] * len(first_windows)
     return [vocab.language_of(token) for token in engine.detect_language(first_windows)]
+
+
+def _text_language(prompt: Prompt) -> str:
+    return "en" if prompt.task == "translate" or prompt.language is None else prompt.language
 
 
 def _text(engine: WindowDecoder, vocab: Vocabulary, tokens: Sequence[int]) -> str:
@@ -333,7 +337,7 @@ def _long_form(
     return [
         Transcript(
             _text(engine, vocab, r.tokens),
-            r.language or "en",
+            _text_language(Prompt(r.language, options.task, timestamps=True)),
             r.hit_token_limit,
             len(audio) / SAMPLE_RATE,
             r.windows,

@@ -26,7 +26,7 @@ class UtteranceResult:
     substitutions: int = 0  # word level
     deletions: int = 0
     insertions: int = 0
-    language: str = "en"  # the language decoded and normalized
+    language: str = "en"  # the language of the texts (normalizer): the speech's, or English for translations
     hit_token_limit: bool = False  # some window stopped at the token limit
     decoded_seconds: float | None = None  # audio the engine decoded (None: audio_seconds)
 
