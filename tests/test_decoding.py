@@ -135,7 +135,7 @@ def test_options_run_and_stay_close(ct2_int8, recordings) -> None:
 
 def test_an_engine_without_long_form_is_refused_before_it_runs(shared_data) -> None:
     """No engine of this package lacks long form; one that did would be refused, naming the recording."""
-    from whisper_ptq.backends import BACKENDS, register
+    from whisper_ptq.backends import BACKENDS, named_recipes, register
     from whisper_ptq.backends.reference import ReferenceBackend
     from whisper_ptq.errors import UserError
     from whisper_ptq.preflight import check_decoding
@@ -143,6 +143,7 @@ def test_an_engine_without_long_form_is_refused_before_it_runs(shared_data) -> N
     class ShortOnly(ReferenceBackend):
         library = "short-only"
         long_form = False
+        named = {}  # noqa: RUF012 - no named recipes of its own: fp32 stays the reference backend's
 
     register(ShortOnly())
     try:
@@ -153,3 +154,4 @@ def test_an_engine_without_long_form_is_refused_before_it_runs(shared_data) -> N
             check_decoding(recipe, DecodingOptions(), [long])
     finally:
         del BACKENDS["short-only"]
+        named_recipes.cache_clear()
