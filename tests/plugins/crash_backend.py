@@ -57,7 +57,7 @@ class CrashBackend(Backend):
     library = "crash"
     description = "test only: aborts the worker process"
     params = {
-        "after": Param(int, 0, help="transcribe calls that succeed before the abort"),
+        "after": Param(int, 0, help="window-decoding calls that succeed before the abort"),
         "once": Param(bool, False, help="only the first process to get there dies (SIGKILL), a retry runs on"),
     }
     named = {"crash": ("aborts while quantizing (test only)", {"after": "0"})}
