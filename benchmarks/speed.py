@@ -94,7 +94,7 @@ def time_interleaved(
                     texts, seconds = session.transcribe_timed(batch)
                     totals[name] += seconds
                     if repeat == 0:
-                        timings.texts.setdefault((name, size), []).extend(t.strip() for t in texts)
+                        timings.texts.setdefault((name, size), []).extend(t.text.strip() for t in texts)
             for name, seconds in totals.items():
                 timings.seconds.setdefault((name, size), []).append(seconds)
         print(f"repeat {repeat + 1}/{repeats} done", flush=True)

@@ -72,6 +72,14 @@ def test_bf16_runs_close_to_fp32(fp32_run, shared_data, tmp_path):
         (["--limit", "0"], "--limit"),
         (["--limit", "-3"], "--limit"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--beam-size", "0"], "--beam-size"),
+        (["--language", "xx"], "--language"),
+        (["--language", "de"], "English-only"),
+        (["--task", "translate"], "English-only"),
+        (["--task", "summarize"], "--task"),
+        (["--recipe", "fast-cpu", "--beam-size", "5"], "greedily only"),
+        (["--dataset", "librispeech:test-clean+concat:seconds=0"], "concat"),
+        (["--dataset", "librispeech:test-clean+concat:within=book"], "concat"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, culprit, shared_data, tmp_path, capsys):
@@ -80,6 +88,29 @@ def test_bad_input_is_one_line_exit_2(args, culprit, shared_data, tmp_path, caps
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], err
     assert not out.exists(), "a refused run must not leave an output directory"
+
+
+def test_eval_line_and_summary_report_long_form(shared_data, tmp_path, capsys):
+    """A 40 s recording and its clips through CTranslate2 int8: decoded whole, counted, S/D/I and runaways."""
+    spec = "librispeech:test-clean+concat:seconds=45,within=dataset"
+    args = ["eval", "--model", "tiny.en", "--recipe", "ct2-int8", "--dataset", spec, "--limit", "1", "--threads", "2"]
+    assert main([*args, "--data-root", str(shared_data), "--out", str(tmp_path), "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["long_utterances"] == 1 and summary["decoded_seconds"] == pytest.approx(summary["audio_seconds"])
+    assert summary["audio_seconds"] > 40 and summary["wer"] < 15 and summary["runaways"] == 0
+    assert summary["substitutions"] + summary["deletions"] + summary["insertions"] > 0
+    assert summary["decoding"] == {
+        "language": "en",
+        "task": "transcribe",
+        "beam_size": 1,
+        "temperature_fallback": False,
+        "condition_on_previous_text": False,
+    }
+    assert "1 over 30 s" in line and f"({summary['decoded_seconds']:.1f} s decoded)" in line and "runaways 0" in line
+    [row] = [json.loads(x) for x in (tmp_path / "utterances.jsonl").read_text().splitlines()]
+    assert row["hit_token_limit"] is False and row["language"] == "en"
+    assert abs(len(row["hypothesis"].split()) - row["ref_words"]) <= 0.1 * row["ref_words"]
 
 
 def test_missing_data_root_names_the_expected_place(tmp_path, capsys):

@@ -339,3 +339,53 @@ def test_fetch_fails_fast_offline(tmp_path, monkeypatch):
 def test_fetch_unfetchable(tmp_path, spec, culprit):
     with pytest.raises(UserError, match=culprit):
         data.fetch_dataset(spec, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ concat
+
+
+def test_concat_joins_consecutive_utterances_of_a_chapter(shared_data):
+    clips = open_dataset("librispeech:test-other", shared_data)
+    joined = open_dataset("librispeech:test-other+concat:seconds=120", shared_data)
+    assert joined.spec == "librispeech:test-other+concat:seconds=120,within=chapter,pause=0.5"
+    assert len(joined.utterances) == 10  # the sample's 10 chapters, each under 120 s
+    first = joined.utterances[0]
+    assert [p.id for p in first.parts] == [u.id for u in clips.utterances[:10]]
+    assert first.id == f"{clips.utterances[0].id}..{clips.utterances[9].id}"
+    assert first.text == " ".join(u.text for u in clips.utterances[:10])
+    audio = joined.load_audio(first)
+    pieces = [clips.load_audio(u) for u in clips.utterances[:10]]
+    assert len(audio) == sum(map(len, pieces)) + 9 * SAMPLE_RATE // 2
+    assert np.array_equal(audio[: len(pieces[0])], pieces[0])
+    assert not audio[len(pieces[0]) : len(pieces[0]) + SAMPLE_RATE // 2].any()  # the pause is silence
+    assert first.duration() == pytest.approx(len(audio) / SAMPLE_RATE, abs=1e-3)
+    assert open_dataset("librispeech:test-other+concat:seconds=120", shared_data) == joined  # deterministic
+
+
+def test_concat_within_dataset_and_length_bound(shared_data):
+    joined = open_dataset("librispeech:test-clean+concat:seconds=75,within=dataset", shared_data)
+    assert [len(u.parts) for u in joined.utterances] == [9, 2]
+    assert joined.utterances[0].duration() <= 75 and len(joined.utterances[0].text.split()) == 192
+    single = open_dataset("librispeech:test-clean+concat:seconds=5", shared_data)
+    assert all(not u.parts for u in single.utterances[:1])  # longer than 5 s alone: left as it is
+    noisy = open_dataset("librispeech:test-clean+concat:seconds=75,within=dataset+noise:snr=10", shared_data)
+    assert len(noisy.load_audio(noisy.utterances[0])) == len(joined.load_audio(joined.utterances[0]))
+
+
+@pytest.mark.parametrize(
+    ("modifier", "culprit"),
+    [
+        ("concat:within=chapter", "seconds=<s>"),
+        ("concat:seconds=-1", "positive"),
+        ("concat:seconds=60,within=book", "book"),
+        ("concat:seconds=60,gap=1", "'gap'"),
+    ],
+)
+def test_bad_concat(shared_data, modifier, culprit):
+    with pytest.raises(UserError, match=culprit):
+        open_dataset(f"librispeech:test-clean+{modifier}", shared_data)
+
+
+def test_concat_needs_transcripts(shared_data):
+    with pytest.raises(UserError, match="transcripts"):
+        open_dataset("librispeech:train-clean-100+concat:seconds=60", shared_data)

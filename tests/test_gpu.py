@@ -17,9 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from whisper_ptq import evaluation
 from whisper_ptq.backends import get_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.data import open_dataset
+from whisper_ptq.engines.decoding import Transcript
 from whisper_ptq.errors import UserError
 from whisper_ptq.evaluation import Quantized
 from whisper_ptq.preflight import check_runnable
@@ -88,11 +90,12 @@ def test_cuda_timing_waits_for_the_gpu(monkeypatch):
         calls.append(time.perf_counter())
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    transcriber = SimpleNamespace(transcribe=lambda audios: ["text"] * len(audios))
+    text = Transcript("text", "en", False, 1.0, 1)
+    monkeypatch.setattr(evaluation, "transcribe", lambda engine, audios, options: [text] * len(audios))
     for device, expected_calls in (("cuda", 1), ("cuda:0", 2), ("cpu", 2)):
-        session = Quantized(None, None, SimpleNamespace(transcriber=transcriber), Settings(), {"device": device})
+        session = Quantized(None, None, SimpleNamespace(transcriber=None), Settings(), {"device": device})
         texts, seconds = session.transcribe_timed([None, None])
-        assert texts == ["text", "text"] and len(calls) == expected_calls
+        assert texts == [text, text] and len(calls) == expected_calls
         if device.startswith("cuda"):
             assert seconds >= 0.05, "the wait for the GPU is inside the timed region"
 

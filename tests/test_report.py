@@ -265,3 +265,39 @@ def test_crash_while_writing_leaves_previous_report(tmp_path: Path, monkeypatch:
 def test_pareto_mask() -> None:
     points = np.array([[1.0, 1.0], [2.0, 2.0], [0.5, 3.0], [1.0, 1.0]])
     assert analysis.pareto_mask(points).tolist() == [True, False, True, True]
+
+
+def test_failure_modes_and_long_recordings_beside_their_clips(tmp_path: Path) -> None:
+    """A joined dataset's recordings (ids `<first>..<last>` of consecutive clips) against those clips."""
+    joined = f"{OTHER}+concat:seconds=120,within=chapter,pause=0.5"
+    results = make_results((OTHER,), RECIPES[:2])
+    for recipe, extra in (("fp32", 0), ("pytorch-int8", 3)):
+        clips = next(r for r in results if r["recipe"] == recipe)["utterances"]
+        recordings = []
+        for start in range(0, N_UTT, 10):
+            members = clips[start : start + 10]
+            reference = " ".join(u["reference"] for u in members)
+            hypothesis = " ".join([*(u["hypothesis"] for u in members), *["zulu"] * extra])
+            score = score_utterance(reference, hypothesis)
+            recordings.append(
+                {
+                    "id": f"{members[0]['id']}..{members[-1]['id']}",
+                    "reference": reference,
+                    "hypothesis": hypothesis,
+                    "ref_words": score.ref_words,
+                    "word_errors": score.word_errors,
+                    "ref_chars": score.ref_chars,
+                    "char_errors": score.char_errors,
+                    "audio_seconds": sum(u["audio_seconds"] for u in members) + 4.5,
+                    "seconds": 1.0,
+                    "insertions": score.insertions,
+                }
+            )
+        template = next(r for r in results if r["recipe"] == recipe)
+        results.append({**template, "dataset": joined, "utterances": recordings})
+    report.write_report(tmp_path, results)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Recipe | Dataset | WER | Subst. | Del. | Ins. | Runaways | Utt. > 30 s | Audio decoded (s) |" in markdown
+    fp32 = summarize([UtteranceResult(**u) for u in results[0]["utterances"]])
+    assert f"| 2 (20 clips, 68 s each) | {fp32['wer']:.2f} | {fp32['wer']:.2f} | +0.00 | 0 / 0 |" in markdown
+    assert "| +1.50 | 0 / 0 |" in markdown  # 3 extra insertions per 200-word recording for the second recipe

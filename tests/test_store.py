@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from dataclasses import replace
@@ -11,7 +12,7 @@ import pytest
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.rows import UtteranceResult, summarize
-from whisper_ptq.results.store import Store, config_hash
+from whisper_ptq.results.store import SCHEMA_V1, Store, config_hash
 
 CONFIG = {"name": "t", "recipes": ["fp32"], "datasets": ["librispeech:test-clean"], "limit": 2}
 FP32 = Recipe(name="fp32", library="reference", scheme="reference", weights="fp32", granularity="per-tensor")
@@ -97,3 +98,32 @@ def test_a_creation_killed_midway_leaves_nothing_in_the_way(db):
     (db.parent / f".{db.name}.creating").write_bytes(b"half a database")
     with Store.for_experiment(db, "t", CONFIG) as store:
         assert store.experiment.name == "t"
+
+
+def test_a_version_1_row_gets_its_error_kinds_language_and_decoded_seconds(db):
+    """A database written before rows had S/D/I, language, token limit and decoded seconds still resumes: its
+    rows' error kinds are counted from their texts, and its engines decoded at most 30 s."""
+    old = sqlite3.connect(db)
+    old.executescript(SCHEMA_V1)
+    old.execute(
+        "INSERT INTO experiment VALUES (1, 't', ?, ?, '2025-01-01T00:00:00+00:00')",
+        (json.dumps(CONFIG, sort_keys=True), config_hash(CONFIG)),
+    )
+    old.execute(
+        "INSERT INTO tasks (position, model, recipe, recipe_spec, dataset, status) VALUES (0, 'tiny.en', 'fp32', ?, "
+        "'librispeech:test-clean', 'running')",
+        (json.dumps(FP32.to_dict()),),
+    )
+    old.execute(
+        "INSERT INTO utterances (task_id, utterance_id, reference, hypothesis, ref_words, word_errors, ref_chars, "
+        "char_errors, audio_seconds, seconds) VALUES (1, 'u1', 'a b c', 'a x c d', 3, 2, 5, 3, 34.0, 1.0)"
+    )
+    old.commit()
+    old.close()
+    with Store.open(db) as store:
+        [stored] = store.rows(1)
+        store.add_rows(1, [replace(row("u2"), language="de", hit_token_limit=True, decoded_seconds=2.0)])
+        rows = store.rows(1)
+    assert (stored.substitutions, stored.deletions, stored.insertions) == (1, 0, 1)
+    assert stored.decoded == 30.0 and stored.language == "en" and stored.hit_token_limit is False
+    assert rows[1].language == "de" and rows[1].hit_token_limit is True and rows[1].decoded == 2.0

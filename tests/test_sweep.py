@@ -19,10 +19,10 @@ from whisper_ptq.cli import main
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors.jobs import Failed, Finished, Job, Opened, Part, Rows, decode_event, encode_event
 from whisper_ptq.results.rows import UtteranceResult
-from whisper_ptq.results.store import RESULTS_FILE
-from whisper_ptq.settings import Settings
+from whisper_ptq.results.store import RESULTS_FILE, config_hash
+from whisper_ptq.settings import DecodingOptions, Settings
 from whisper_ptq.studies.bench import SweepOptions, run_sweep
-from whisper_ptq.studies.experiment import load_experiment, presets
+from whisper_ptq.studies.experiment import Experiment, load_experiment, presets
 
 PLUGINS = Path(__file__).parent / "plugins"
 TINY = """
@@ -100,6 +100,8 @@ def test_snrs_add_noisy_variants(tmp_path):
         ),
         (TINY.format(recipes=RECIPES).replace("tiny.en", "huge.en"), r"exp\.toml: unknown model 'huge.en'"),
         (TINY.format(recipes='"fp32", "fp32"'), r"recipe 'fp32' is listed twice"),
+        (TINY.format(recipes=RECIPES) + 'language = "xx"\n', r"exp\.toml:8: language must be a Whisper language"),
+        (TINY.format(recipes=RECIPES) + "beam_size = 0\n", r"exp\.toml:8: 'beam_size' must be a positive"),
     ],
 )
 def test_bad_experiment_is_refused_before_anything_runs(tmp_path, shared_data, capsys, text, message):
@@ -113,6 +115,16 @@ def test_bad_experiment_is_refused_before_anything_runs(tmp_path, shared_data, c
     assert not out.exists()
 
 
+def test_decoding_options_are_part_of_the_identity(tmp_path):
+    """Defaults stay out of the config (old databases keep their hash); a beam-5 sweep is another experiment."""
+    greedy = load_experiment(str(experiment_file(tmp_path)))
+    assert "beam_size" not in greedy.config() and "language" not in greedy.config()
+    beam = load_experiment(str(experiment_file(tmp_path, extra="beam_size = 5\n")))
+    assert beam.config()["beam_size"] == 5 and beam.settings(None, None).decoding.beam_size == 5
+    assert config_hash(beam.config()) != config_hash(greedy.config())
+    assert Experiment.from_config(beam.config()) == beam
+
+
 def test_unknown_preset_is_refused(capsys):
     code, err = bench(capsys, "papr")
     assert code == 2 and "unknown experiment 'papr'" in err and "quick" in err
@@ -120,9 +132,8 @@ def test_unknown_preset_is_refused(capsys):
 
 def test_jobs_and_events_survive_their_json_form(tmp_path):
     """What crosses a process (or, later, a machine) boundary comes back equal."""
-    job = Job(
-        3, "tiny.en", get_recipe("reference:dtype=bf16"), (Part("d", ("u1", "u2")),), Settings(data_root=tmp_path)
-    )
+    settings = Settings(data_root=tmp_path, decoding=DecodingOptions(language="de", beam_size=3))
+    job = Job(3, "tiny.en", get_recipe("reference:dtype=bf16"), (Part("d", ("u1", "u2")),), settings)
     assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
     row = UtteranceResult("u1", "a b", "a", 2, 1, 3, 2, 1.5, 0.25)
     events = [Opened(3, {"size_bytes": 1, "calibration_dataset": None}), Rows(3, "d", (row,)), Finished(3, "d", {})]

@@ -59,6 +59,33 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_data_options(p)
 
 
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    from whisper_ptq.settings import TASKS
+
+    g = p.add_argument_group("decoding (the same in every engine; recorded with the run)")
+    g.add_argument(
+        "--language",
+        default="en",
+        help="Whisper language code of the speech (en, de, fr, zh, ...), or auto: detected on each recording's "
+        "first 30 s; other than en only for multilingual models. The text normalizer follows it",
+    )
+    g.add_argument("--task", choices=TASKS, default="transcribe", help="translate: into English (multilingual models)")
+    g.add_argument(
+        "--beam-size", type=_positive_int, default=1, help="beam search width (transformers and CTranslate2 recipes)"
+    )
+    g.add_argument(
+        "--temperature-fallback",
+        action="store_true",
+        help="OpenAI's fallback: re-decode a window by seeded sampling at 0.2 ... 1.0 when its text is repetitive "
+        "(zlib ratio > 2.4) or improbable (mean log-probability < -1)",
+    )
+    g.add_argument(
+        "--condition-on-previous-text",
+        action="store_true",
+        help="long form: prompt each 30 s window with the text decoded before it",
+    )
+
+
 def _add_model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -69,8 +96,13 @@ def _add_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from whisper_ptq.settings import Settings
+    from whisper_ptq.settings import DecodingOptions, Settings
 
+    decoding = DecodingOptions()
+    if hasattr(args, "beam_size"):
+        decoding = DecodingOptions(
+            args.language, args.task, args.beam_size, args.temperature_fallback, args.condition_on_previous_text
+        )
     return Settings(
         device=args.device,
         batch_size=args.batch_size,
@@ -80,6 +112,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         calibration=args.calibration,
         calibration_limit=args.calibration_limit,
         progress=not args.no_progress,
+        decoding=decoding,
     )
 
 
@@ -132,12 +165,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = quantized.evaluate(dataset, progress=settings.progress)
     summary = result.summary()
     write_outputs(out, summary, result.rows)
-    print(
-        f"{summary['model']} {summary['recipe']} {summary['dataset']}: n={summary['n_utterances']} "
-        f"WER {summary['wer']:.2f}% CER {summary['cer']:.2f}% RTF {summary['rtf']:.3f} "
-        f"size {summary['size_bytes'] / 1e6:.1f} MB ({100 * summary['size_reduction']:.0f}% smaller) -> {out}"
-    )
+    print(eval_line(summary, out))
     return 0
+
+
+def eval_line(summary: dict[str, Any], out: Path) -> str:
+    """The one-line summary of an eval: the headline metric first (CER for languages written without spaces)."""
+    rates = [f"WER {summary['wer']:.2f}%", f"CER {summary['cer']:.2f}%"]
+    if summary["headline"] == "cer":
+        rates.reverse()
+    long = f", {summary['long_utterances']} over 30 s" if summary["long_utterances"] else ""
+    return (
+        f"{summary['model']} {summary['recipe']} {summary['dataset']}: n={summary['n_utterances']}{long} "
+        f"({summary['decoded_seconds']:.1f} s decoded) {' '.join(rates)} (S {summary['substitutions']} "
+        f"D {summary['deletions']} I {summary['insertions']}, runaways {summary['runaways']}) "
+        f"RTF {summary['rtf']:.3f} size {summary['size_bytes'] / 1e6:.1f} MB "
+        f"({100 * summary['size_reduction']:.0f}% smaller) -> {out}"
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -341,11 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="librispeech:test-other",
-        help="librispeech:<split>, ljspeech or manifest:<file.jsonl>, optionally +noise:snr=<dB>",
+        help="librispeech:<split>, ljspeech or manifest:<file.jsonl>, optionally +noise:snr=<dB> and "
+        "+concat:seconds=<s> (consecutive utterances joined into long recordings)",
     )
     p.add_argument("--limit", type=_positive_int, help="evaluate the first N utterances only")
     p.add_argument("--out", type=Path, help=f"output directory (default: a new folder under {EVAL_RUNS}/)")
     _add_run_options(p)
+    _add_decoding_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -421,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="output directory (results.sqlite)")
     p.add_argument("--force", action="store_true", help="discard results of a different study in --out")
     _add_run_options(p)
+    _add_decoding_options(p)
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser(
@@ -442,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="output directory (results.sqlite)")
     p.add_argument("--force", action="store_true", help="discard results of a different search in --out")
     _add_run_options(p)
+    _add_decoding_options(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(

@@ -3,7 +3,9 @@
 Where each reported number comes from:
 - WER / CER: total errors over total reference units of the per-utterance rows (`results.rows.summarize`).
 - RTF: sum of the timed region (feature extraction + generate + decoding; after an untimed warm-up batch of
-  one second of speech; model load and audio decoding excluded) over the sum of audio durations.
+  one second of speech; model load and audio decoding excluded) over the seconds of audio decoded (all of it:
+  every engine transcribes recordings of any length, `engines.decoding`).
+- decoding: `settings.decoding` (language, task, beam size, fallback, conditioning), recorded in `info`.
 - size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
   unquantized model; size_reduction = 1 - size / fp32 size.
 - peak_rss_bytes: the process's peak resident memory (getrusage), model load and quantization included.
@@ -28,6 +30,7 @@ from whisper_ptq.backends import BuildContext, Built, backend_for, library_packa
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
 from whisper_ptq.data import SAMPLE_RATE, Dataset, load_audio
 from whisper_ptq.engines import set_threads
+from whisper_ptq.engines.decoding import Transcript, transcribe
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.loading import WhisperBundle, load_model
 from whisper_ptq.preflight import check_runnable, preflight
@@ -47,6 +50,15 @@ def serialized_bytes(save: Callable[[Path], None]) -> int:
     with tempfile.TemporaryDirectory(prefix="whisper-ptq-size-") as tmp:
         save(Path(tmp))
         return directory_bytes(Path(tmp))
+
+
+def check_language(bundle: WhisperBundle, settings: Settings) -> None:
+    """Refuse decoding options the loaded model cannot honour (its languages are known only now)."""
+    decoding = settings.decoding
+    decoding.check_model(bundle.english_only, bundle.source.spec)
+    token = f"<|{decoding.language}|>"
+    if not bundle.english_only and decoding.language != "auto" and token not in bundle.processor.tokenizer.get_vocab():
+        raise UserError(f"model {bundle.source.spec} has no language {decoding.language!r}", param="language")
 
 
 class Quantized:
@@ -74,6 +86,7 @@ class Quantized:
             "calibration_utterances": len(calib.utterances) if calib else 0,
         }
         bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
+        check_language(bundle, settings)
         return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, calibration_info)
 
     @classmethod
@@ -84,6 +97,7 @@ class Quantized:
         recipe = export_recipe(path)
         check_runnable(recipe, settings.device)
         bundle = load_export_bundle(path)
+        check_language(bundle, settings)
         backend = backend_for(recipe)
         restore = lambda b, r, ctx: backend.load(b, r, Path(path) / "weights", ctx)  # noqa: E731
         return cls._build(bundle, recipe, settings, BuildContext(device=settings.device), restore, {})
@@ -116,6 +130,7 @@ class Quantized:
             "device": settings.device,
             "threads": threads,
             "batch_size": settings.batch_size,
+            "decoding": settings.decoding.to_dict(),
             "quantize_seconds": quantize_seconds,
             "size_bytes": size,
             "fp32_size_bytes": fp32_bytes,
@@ -138,21 +153,21 @@ class Quantized:
         return self.built.model if isinstance(self.built.model, torch.nn.Module) else None
 
     def transcribe(self, audio: str | Path | np.ndarray | Sequence[str | Path | np.ndarray]) -> str | list[str]:
-        """Text of one recording (a path to any audio file libsndfile reads, or 16 kHz mono float32 samples), or
-        the texts of a list of them, transcribed `settings.batch_size` at a time."""
+        """Text of one recording of any length (a path to any audio file libsndfile reads, or 16 kHz mono float32
+        samples), or the texts of a list of them, transcribed `settings.batch_size` at a time."""
         one = isinstance(audio, str | Path | np.ndarray)
         items = [audio] if one else list(audio)
         audios = [load_audio(a) if isinstance(a, str | Path) else np.asarray(a, dtype=np.float32) for a in items]
         size = self.settings.batch_size
-        texts = [t for i in range(0, len(audios), size) for t in self.transcribe_timed(audios[i : i + size])[0]]
+        texts = [t.text for i in range(0, len(audios), size) for t in self.transcribe_timed(audios[i : i + size])[0]]
         return texts[0] if one else texts
 
-    def transcribe_timed(self, audios: list[np.ndarray]) -> tuple[list[str], float]:
+    def transcribe_timed(self, audios: list[np.ndarray]) -> tuple[list[Transcript], float]:
         start = time.perf_counter()
-        texts = self.built.transcriber.transcribe(audios)
+        transcripts = transcribe(self.built.transcriber, audios, self.settings.decoding)
         if self.info["device"].startswith("cuda"):
             torch.cuda.synchronize()
-        return texts, time.perf_counter() - start
+        return transcripts, time.perf_counter() - start
 
     def save(self, out_dir: str | Path) -> Path:
         """Export the model to `out_dir` (refused when it holds anything); `whisper_ptq.load` restores it."""
@@ -186,12 +201,20 @@ class Quantized:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
             audios = [dataset.load_audio(u) for u in batch]
-            texts, seconds = self.transcribe_timed(audios)
+            transcripts, seconds = self.transcribe_timed(audios)
             new = [
                 UtteranceResult.scored(
-                    u.id, u.text, text, len(audio) / SAMPLE_RATE, seconds / len(batch), dataset.fingerprint(u)
+                    u.id,
+                    u.text,
+                    t.text,
+                    len(audio) / SAMPLE_RATE,
+                    seconds / len(batch),
+                    dataset.fingerprint(u),
+                    t.language,
+                    t.hit_token_limit,
+                    t.decoded_seconds,
                 )
-                for u, audio, text in zip(batch, audios, texts, strict=True)
+                for u, audio, t in zip(batch, audios, transcripts, strict=True)
             ]
             if on_rows:
                 on_rows(new)
@@ -226,7 +249,7 @@ class EvalResult:
 
     @property
     def rtf(self) -> float:
-        """Transcription seconds over audio seconds."""
+        """Transcription seconds over decoded audio seconds."""
         return float(self.figures["rtf"])
 
     @property
@@ -242,5 +265,3 @@ class EvalResult:
             **run_environment(),
             "argv": sys.argv,
         }
-
-

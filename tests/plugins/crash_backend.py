@@ -1,6 +1,6 @@
 """Test-only backend whose worker dies hard, to check that a sweep survives it.
 
-`crash` calls os.abort() while quantizing; `crash:after=N` runs the fp32 model for N transcribe calls (the
+`crash` calls os.abort() while quantizing; `crash:after=N` runs the fp32 model for N window-decoding calls (the
 evaluator's untimed warm-up batch is the first), then aborts in the next. With `once=true` only the first
 process to get there dies, by SIGKILL as from the OOM killer, and later ones (a retry) run on: the claim
 is a marker file in $CRASH_ONCE_DIR holding the pid of the process it killed. Loaded by whisper-ptq through
@@ -29,14 +29,17 @@ class AbortAfter:
     calls_left: int
     once: bool
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+    def decode(self, features: np.ndarray, prompt: Any, search: Any) -> list[Any]:
         if self.calls_left == 0:
             if not self.once:
                 os.abort()
             if _first_to_die():
                 os.kill(os.getpid(), signal.SIGKILL)
         self.calls_left -= 1
-        return self.transcriber.transcribe(audios)
+        return self.transcriber.decode(features, prompt, search)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the window decoder is the wrapped one's
+        return getattr(self.transcriber, name)
 
 
 def _first_to_die() -> bool:
@@ -54,7 +57,7 @@ class CrashBackend(Backend):
     library = "crash"
     description = "test only: aborts the worker process"
     params = {
-        "after": Param(int, 0, help="transcribe calls that succeed before the abort"),
+        "after": Param(int, 0, help="window-decoding calls that succeed before the abort"),
         "once": Param(bool, False, help="only the first process to get there dies (SIGKILL), a retry runs on"),
     }
     named = {"crash": ("aborts while quantizing (test only)", {"after": "0"})}

@@ -88,6 +88,10 @@ class Backend(ABC):
     params: ClassVar[dict[str, Param]] = {}
     # name -> (description, raw parameters as typed on the command line)
     named: ClassVar[dict[str, tuple[str, dict[str, str]]]] = {}
+    # What its engine's decoding can do, refused before any model loads when asked: beam search, audio longer
+    # than Whisper's 30 s window (`engines.decoding` gives every window decoder long form).
+    beam_search: ClassVar[bool] = True
+    long_form: ClassVar[bool] = True
 
     def recipe(self, raw: dict[str, str], name: str, description: str = "") -> Recipe:
         unknown = sorted(set(raw) - set(self.params))

@@ -35,7 +35,6 @@ KEEP_CHOICES = {
 }
 
 
-
 def attention_info(attention: str) -> str:
     from whisper_ptq.engines.fast import ATTENTION_BLOCK
 
@@ -91,15 +90,14 @@ def _saved_bytes(state: dict[str, torch.Tensor]) -> int:
 
 class FastCPUBackend(Backend):
     library = "fast"
+    beam_search = False  # a step-wise engine: `engines.decoding.StepDecoding` searches greedily
     description = "lean greedy engine: fused int8 per-token GEMMs (oneDNN VNNI), fp32-rescored int8 LM head"
     params = {
         "weights": Param(str, "int8", KINDS, "linear weights: int8 (per-token int8 activations) or fp32"),
         "head": Param(str, "int8", KINDS, "LM head: int8 shortlist re-scored in fp32, or fp32"),
         "keep": Param(str, None, tuple(KEEP_CHOICES), "linears not quantized (the sensitive first encoder layer)"),
         "sensitive": Param(str, "fp32", tuple(SENSITIVE), "precision of the kept linears and the conv stem"),
-        "attention": Param(
-            str, "bf16", ATTENTIONS, "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"
-        ),
+        "attention": Param(str, "bf16", ATTENTIONS, "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"),
         "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
         "decoder_threads": Param(int, 0, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
     }

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import platformdirs
+import soundfile as sf
 from tqdm import tqdm
 
-from whisper_ptq.data.audio import load_audio
+from whisper_ptq.data.audio import SAMPLE_RATE, load_audio
 from whisper_ptq.data.modifiers import Modifier, make_modifier
 from whisper_ptq.data.specs import parse_dataset_spec
 from whisper_ptq.errors import UserError
@@ -55,11 +56,28 @@ LIBRISPEECH_MD5 = {
 # The LJ Speech site publishes no checksum; this SHA-256 is the one torchaudio pins for the same URL.
 LJSPEECH_SHA256 = "be1a30453f28eb8dd26af4101ae40cbf2c50413b1bb21936cbcdc6fae3de8aa5"
 
+
 @dataclass(frozen=True)
 class Utterance:
     id: str
     audio_path: Path
     text: str | None  # reference transcript; None for audio-only splits (calibration)
+    parts: tuple[Utterance, ...] = ()  # a recording joined from these (`+concat`), `pause` seconds apart
+    pause: float = 0.0
+
+    @property
+    def audio_paths(self) -> tuple[Path, ...]:
+        """Every file its audio comes from."""
+        return tuple(p.audio_path for p in self.parts) if self.parts else (self.audio_path,)
+
+    def duration(self) -> float:
+        """Seconds of audio, from the files' headers (no decoding)."""
+        if self.parts:
+            return sum(p.duration() for p in self.parts) + self.pause * (len(self.parts) - 1)
+        try:
+            return float(sf.info(self.audio_path).duration)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise UserError(f"cannot read audio file {self.audio_path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,12 @@ class Dataset:
         return digest.hexdigest()[:32]
 
     def load_audio(self, utt: Utterance) -> np.ndarray:
-        audio = load_audio(utt.audio_path)
+        if utt.parts:
+            pause = np.zeros(round(utt.pause * SAMPLE_RATE), np.float32)
+            pieces = [piece for part in utt.parts for piece in (pause, load_audio(part.audio_path))][1:]
+            audio = np.concatenate(pieces)
+        else:
+            audio = load_audio(utt.audio_path)
         for modifier in self.modifiers:
             audio = modifier.apply(audio, utt, self.pool)
         return audio
@@ -297,11 +320,16 @@ def open_dataset(spec: str, data_root: Path | str | None = None) -> Dataset:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise UserError(f"dataset {spec!r} has utterance id {duplicates[0]!r} more than once")
+    ordered = tuple(sorted(utterances, key=lambda u: u.id))
+    grouped: Sequence[Utterance] = ordered
+    for modifier in parsed.modifiers:
+        grouped = modifier.regroup(grouped)
     return Dataset(
         spec=parsed.canonical,
-        utterances=tuple(sorted(utterances, key=lambda u: u.id)),
+        utterances=tuple(grouped),
         root=folder,
         modifiers=parsed.modifiers,
+        pool=ordered,
     )
 
 
@@ -311,9 +339,9 @@ def open_dataset(spec: str, data_root: Path | str | None = None) -> Dataset:
 def calibration_dataset(settings: Settings, evaluated: Iterable[Dataset]) -> Dataset:
     """The calibration set, refused when it shares any audio with a dataset being evaluated."""
     calib = open_dataset(settings.calibration, settings.data_root).limit(settings.calibration_limit)
-    calib_audio = {u.audio_path.resolve() for u in calib.utterances}
+    calib_audio = {path.resolve() for u in calib.utterances for path in u.audio_paths}
     for dataset in evaluated:
-        if calib_audio & {u.audio_path.resolve() for u in dataset.utterances}:
+        if calib_audio & {path.resolve() for u in dataset.utterances for path in u.audio_paths}:
             raise UserError(
                 f"calibration set {settings.calibration!r} overlaps the evaluation set {dataset.spec!r}: "
                 "calibrating on test data is refused; use e.g. --calibration librispeech:train-clean-100"

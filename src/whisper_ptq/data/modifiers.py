@@ -1,12 +1,14 @@
-"""Dataset modifiers: deterministic transformations of an utterance's audio, written after ``+`` in a spec.
-Adding one means one class here and one entry in `MODIFIERS`."""
+"""Dataset modifiers, written after ``+`` in a spec: deterministic transformations of the list of utterances
+(`regroup`: `concat` joins consecutive ones into long recordings) and of each utterance's audio (`apply`:
+`noise`). Every regrouping happens first, whatever its place in the spec; the audio ones then apply, in order,
+to each (joined) utterance. Adding one means one class here and one entry in `MODIFIERS`."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -21,10 +23,12 @@ BABBLE_TALKERS = 4
 
 
 class Modifier(Protocol):
-    """A deterministic transformation of an utterance's audio, written after ``+`` in a spec."""
+    """A deterministic transformation of a dataset's utterances and of their audio, written after ``+``."""
 
     @property
     def spec(self) -> str: ...
+
+    def regroup(self, utterances: Sequence[Utterance]) -> Sequence[Utterance]: ...
 
     def apply(self, audio: np.ndarray, utt: Utterance, pool: Sequence[Utterance]) -> np.ndarray: ...
 
@@ -78,6 +82,9 @@ class NoiseModifier:
             raise UserError(f"unknown noise kind {kind!r} in {spec!r}; valid kinds: {', '.join(cls.KINDS)}")
         return cls(snr_db=snr_db, kind=kind, seed=seed)
 
+    def regroup(self, utterances: Sequence[Utterance]) -> Sequence[Utterance]:
+        return utterances
+
     def apply(self, audio: np.ndarray, utt: Utterance, pool: Sequence[Utterance]) -> np.ndarray:
         rng = _utterance_rng(self.seed, utt.id)
         if self.kind == "white":
@@ -106,6 +113,74 @@ class NoiseModifier:
 
 
 @dataclass(frozen=True)
+class ConcatModifier:
+    """Long recordings for long-form studies: consecutive utterances of one chapter (their audio files' folder;
+    `within=dataset`: of the whole dataset, in order) joined, `pause` seconds of silence between them, while the
+    recording stays within `seconds` (an utterance longer than that stays alone). The reference is the
+    members' texts joined by spaces. Deterministic: the same dataset gives the same recordings."""
+
+    seconds: float
+    within: str = "chapter"
+    pause: float = 0.5
+
+    WITHIN = ("chapter", "dataset")
+    USAGE = "concat:seconds=<s>,within=chapter|dataset,pause=<s>"
+
+    @property
+    def spec(self) -> str:
+        return f"concat:seconds={self.seconds:g},within={self.within},pause={self.pause:g}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str], spec: str) -> ConcatModifier:
+        unknown = sorted(set(params) - {"seconds", "within", "pause"})
+        if unknown:
+            raise UserError(f"unknown concat parameter {unknown[0]!r} in {spec!r}; expected {cls.USAGE}")
+        if "seconds" not in params:
+            raise UserError(f"concat needs seconds=<s> in {spec!r}; expected {cls.USAGE}")
+        try:
+            seconds, pause = float(params["seconds"]), float(params.get("pause", "0.5"))
+        except ValueError as exc:
+            raise UserError(f"bad concat parameter in {spec!r} ({exc}); expected {cls.USAGE}") from exc
+        if not (math.isfinite(seconds) and seconds > 0 and math.isfinite(pause) and pause >= 0):
+            raise UserError(f"concat seconds must be positive and pause at least 0 in {spec!r}")
+        within = params.get("within", "chapter")
+        if within not in cls.WITHIN:
+            raise UserError(f"unknown concat within={within!r} in {spec!r}; valid: {', '.join(cls.WITHIN)}")
+        return cls(seconds, within, pause)
+
+    def regroup(self, utterances: Sequence[Utterance]) -> Sequence[Utterance]:
+        if any(u.text is None for u in utterances):
+            raise UserError("concat needs transcripts: an audio-only dataset cannot be joined into scored recordings")
+        groups: list[list[Utterance]] = []
+        total = 0.0
+        for utt in utterances:
+            seconds = utt.duration()
+            same = bool(groups) and (
+                self.within == "dataset" or groups[-1][-1].audio_path.parent == utt.audio_path.parent
+            )
+            if same and total + self.pause + seconds <= self.seconds:
+                groups[-1].append(utt)
+                total += self.pause + seconds
+            else:
+                groups.append([utt])
+                total = seconds
+        return [group[0] if len(group) == 1 else _joined(group, self.pause) for group in groups]
+
+    def apply(self, audio: np.ndarray, utt: Utterance, pool: Sequence[Utterance]) -> np.ndarray:
+        return audio
+
+
+def _joined(parts: list[Utterance], pause: float) -> Utterance:
+    return replace(
+        parts[0],
+        id=f"{parts[0].id}..{parts[-1].id}",
+        text=" ".join(p.text or "" for p in parts),
+        parts=tuple(parts),
+        pause=pause,
+    )
+
+
+@dataclass(frozen=True)
 class _ModifierKind:
     usage: str
     parse: Callable[[dict[str, str], str], Modifier]  # (params, spec) -> modifier
@@ -113,6 +188,7 @@ class _ModifierKind:
 
 MODIFIERS: dict[str, _ModifierKind] = {
     "noise": _ModifierKind(NoiseModifier.USAGE, NoiseModifier.from_params),
+    "concat": _ModifierKind(ConcatModifier.USAGE, ConcatModifier.from_params),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import PurePath
 from whisper_ptq.keyvalue import parse_key_values
 
 NOISE = "noise"
+CONCAT = "concat"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ class DatasetSpec:
     def clean(self) -> str:
         """The spec without its noise modifier."""
         kept = [f"{name}:{_params_text(params)}" for name, params in self.modifiers if name != NOISE]
+        return "+".join([self.base, *kept])
+
+    @property
+    def concat(self) -> dict[str, str] | None:
+        """The concat modifier's raw parameters: the spec's utterances are joined into long recordings."""
+        return next((params for name, params in self.modifiers if name == CONCAT), None)
+
+    @property
+    def unjoined(self) -> str:
+        """The spec without its concat modifier: the same audio, utterance by utterance."""
+        kept = [f"{name}:{_params_text(params)}" for name, params in self.modifiers if name != CONCAT]
         return "+".join([self.base, *kept])
 
     @property

@@ -1,23 +1,19 @@
-"""Transcription engines: each turns 16 kHz audio into text with one inference library's kernels.
+"""Transcription engines: each decodes 30-second windows of Whisper features with one inference library's kernels.
 
-Every engine implements `Transcriber`, so the evaluator times and scores them all the same way. The decoding
-is the same in all of them: greedy, English, task transcribe, no timestamps, batched, with transformers'
-Whisper `generate` rules (prompt, suppressed tokens, length limit). `hf` is transformers itself, `ct2`
-CTranslate2, `fast` this project's lean CPU engine.
+`decoding` does the rest, once for all of them: features, short and long form (OpenAI's sequential algorithm),
+language, task, beam size, fallback, batching. An engine implements `decoding.WindowDecoder` (`Transcriber`
+below), or, step-wise, `decoding.StepModel`. `hf` is transformers itself, `ct2` CTranslate2, `fast` this
+project's lean CPU engine (step-wise).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
+    from whisper_ptq.engines.decoding import WindowDecoder as Transcriber
 
-
-class Transcriber(Protocol):
-    """Turns a batch of 16 kHz mono float32 waveforms into text (feature extraction included)."""
-
-    def transcribe(self, audios: list[np.ndarray]) -> list[str]: ...
+__all__ = ["Transcriber", "set_threads"]
 
 
 def set_threads(threads: int | None) -> int:

@@ -9,15 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from whisper_ptq.data.audio import SAMPLE_RATE
-
-PROMPT_MULTILINGUAL = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
-PROMPT_ENGLISH_ONLY = ("<|startoftranscript|>", "<|notimestamps|>")
+from whisper_ptq.engines.decoding import Decoded, Prompt, Search, transcribe, vocabulary
+from whisper_ptq.settings import DecodingOptions
 
 
 @dataclass
 class CT2Transcriber:
-    """A CTranslate2 Whisper model decoding exactly like `HFTranscriber` (greedy, English, no timestamps)."""
+    """A CTranslate2 Whisper model, a window decoder of `engines.decoding` decoding like `HFTranscriber`: the
+    same features and prompts, the same suppressed tokens (the converter copies them from the generation config),
+    the same length limits, OpenAI's timestamp rules (CTranslate2's C++ copy, on when the prompt does not end
+    with `<|notimestamps|>`), greedy or beam search."""
 
     model_dir: Path
     processor: Any  # the transformers WhisperProcessor: same features and tokenizer as HFTranscriber
@@ -28,7 +29,6 @@ class CT2Transcriber:
     # Owns the converted files when they live in a temporary directory, so `save` can copy them later.
     workspace: tempfile.TemporaryDirectory | None = None
     model: Any = field(init=False)
-    prompt: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         import ctranslate2
@@ -42,8 +42,7 @@ class CT2Transcriber:
             compute_type=self.compute_type,
             intra_threads=torch.get_num_threads(),
         )
-        tokens = PROMPT_MULTILINGUAL if self.model.is_multilingual else PROMPT_ENGLISH_ONLY
-        self.prompt = self.processor.tokenizer.convert_tokens_to_ids(list(tokens))
+        self.multilingual = bool(self.model.is_multilingual)
 
     @classmethod
     def for_bundle(
@@ -59,24 +58,49 @@ class CT2Transcriber:
             workspace,
         )
 
-    def ct2_max_length(self) -> int:
-        # transformers' Whisper generates min(max_length, max_target_positions - prompt) new tokens
-        # (`_set_max_new_tokens_and_length`); CTranslate2 decodes min(L / 2, L - prompt + 1) steps of its
-        # max_length L (OpenAI's sample_len rule): twice that budget stops it where transformers stops.
-        return 2 * min(self.max_length, self.max_target_positions - len(self.prompt))
+    def ct2_max_length(self, prompt_length: int, new_tokens: int | None = None) -> int:
+        """CTranslate2's `max_length` L that makes it decode `new_tokens` (default: transformers' short-form
+        rule, min(max_length, max_target_positions - prompt)): it decodes min(L / 2, L - prompt + 1) steps
+        (OpenAI's sample_len rule), the end-of-text included, as transformers counts them."""
+        if new_tokens is None:
+            new_tokens = min(self.max_length, self.max_target_positions - prompt_length)
+        return 2 * new_tokens if new_tokens >= prompt_length - 1 else new_tokens + prompt_length - 1
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+    def _features(self, features: np.ndarray) -> Any:
         import ctranslate2
 
-        features = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="np")
-        batch = ctranslate2.StorageView.from_array(np.ascontiguousarray(features.input_features, np.float32))
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(features, np.float32))
+
+    def decode(self, features: np.ndarray, prompt: Prompt, search: Search) -> list[Decoded]:
+        import ctranslate2
+
+        tokens = list(vocabulary(self).tokens(prompt, self.max_target_positions))
+        new_tokens = search.max_new_tokens or min(self.max_length, self.max_target_positions - len(tokens))
+        sampled = search.temperature > 0
+        if sampled:
+            ctranslate2.set_random_seed(search.seed)
         results = self.model.generate(
-            batch,
-            [self.prompt] * len(audios),
-            beam_size=1,
-            max_length=self.ct2_max_length(),
+            self._features(features),
+            [tokens] * len(features),
+            beam_size=search.beam_size,
+            max_length=self.ct2_max_length(len(tokens), new_tokens),
             suppress_blank=True,  # the converter's suppress_ids_begin = transformers' begin_suppress_tokens
             suppress_tokens=[-1],  # the converter's suppress_ids = transformers' suppress_tokens
-            return_scores=False,
+            return_scores=search.scores,
+            sampling_topk=0 if sampled else 1,
+            sampling_temperature=search.temperature if sampled else 1.0,
         )
-        return self.processor.tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)
+        decoded = []
+        for result in results:
+            ids = tuple(result.sequences_ids[0])
+            # The score is the mean log-probability over the tokens (length_penalty 1): faster-whisper's reading.
+            logprob = result.scores[0] * len(ids) if search.scores else 0.0
+            decoded.append(Decoded(ids, len(ids) < new_tokens, logprob))
+        return decoded
+
+    def detect_language(self, features: np.ndarray) -> list[int]:
+        ranked = self.model.detect_language(self._features(features))
+        return self.processor.tokenizer.convert_tokens_to_ids([languages[0][0] for languages in ranked])
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        return [t.text for t in transcribe(self, audios, DecodingOptions())]

@@ -18,10 +18,10 @@ on rows that already finished. This module reuses the model's weights but runs i
 - decoding is ragged: an utterance leaves the batch at its `<|endoftext|>` and its cache rows are dropped;
   a step's cross-attention is two plain GEMMs (`cross_attention`), cheaper than the flash kernel for one query.
 
-The decoding rules are those of transformers' Whisper `generate` for short-form English transcription without
-timestamps: the same prompt, `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated
-position, stop at `<|endoftext|>` or at `max_length` tokens, greedy argmax. With fp32 linears and head the
-output equals transformers' token for token (tests/test_backend_fastcpu.py).
+The search is `engines.decoding.StepDecoding`'s (transformers' Whisper rules: the same prompts, suppressed tokens,
+length limits, OpenAI's timestamp rules for long form; greedy): this module only supplies the encoder and the
+decoder steps. With fp32 linears and head the output equals transformers' token for token
+(tests/test_backend_fastcpu.py, tests/test_families.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whisper_ptq.data import SAMPLE_RATE
+from whisper_ptq.engines.decoding import Logits, StepDecoding, StepRules, torch_threads, transcribe
+from whisper_ptq.settings import DecodingOptions
 
 # Guards the per-row scale of an all-zero row (the int8 values are then all zero anyway).
 MIN_SCALE = 1e-12
@@ -289,12 +290,14 @@ def keep_rows(tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torc
 
 
 class ShortlistHead(nn.Module):
-    """Greedy token choice with the LM head tied to the fp32 token embedding.
+    """The LM head tied to the fp32 token embedding, in two stages.
 
-    An int8 weight-only GEMV in bf16 (`_weight_int8pack_mm`, a quarter of the fp32 bytes) ranks the
-    vocabulary; its top `SHORTLIST` candidates are re-scored in fp32 with the fp32 embedding rows, and the best
-    of those is the token. The fp32 argmax is in the shortlist unless the int8 error exceeds the gap between
-    the best and the 8th-best logit, so decisions are those of the fp32 head.
+    An int8 weight-only GEMV in bf16 (`_weight_int8pack_mm`, a quarter of the fp32 bytes) gives approximate
+    logits of the whole vocabulary: the decoding rules (suppressed tokens, timestamp rules) and the
+    log-probabilities work on those; its top `SHORTLIST` candidates after the rules are re-scored in fp32 with
+    the fp32 embedding rows, and the token is chosen among them by those exact logits. The fp32 argmax is in
+    the shortlist unless the int8 error exceeds the gap between the best and the 8th-best logit, so decisions
+    are those of the fp32 head.
     """
 
     def __init__(self, embedding: nn.Parameter):
@@ -304,25 +307,26 @@ class ShortlistHead(nn.Module):
         self.register_buffer("weight", qweight.contiguous())
         self.register_buffer("weight_scale", scale.view(-1).to(torch.bfloat16))
 
-    def forward(self, hidden: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
-        """hidden: (batch, width) fp32 -> (batch,) token ids, never one in `suppress`."""
+    def forward(self, hidden: torch.Tensor) -> Logits:
+        """hidden: (rows, width) fp32 -> bf16 approximate logits, and the fp32 re-scoring of a shortlist."""
         rough = torch._weight_int8pack_mm(hidden.to(torch.bfloat16), self.weight, self.weight_scale)
-        rough.index_fill_(1, suppress, float("-inf"))
-        candidates = rough.topk(SHORTLIST, dim=-1).indices
-        exact = torch.einsum("bd,bkd->bk", hidden, self.embedding[candidates])
-        return candidates.gather(1, exact.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+        def shortlist(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            candidates = masked.topk(SHORTLIST, dim=-1).indices
+            return candidates, torch.einsum("bd,bkd->bk", hidden, self.embedding[candidates])
+
+        return Logits(rough, shortlist)
 
 
 class FloatHead(nn.Module):
-    """The fp32 LM head as transformers computes it: every logit in fp32, then the argmax."""
+    """The fp32 LM head as transformers computes it: every logit in fp32."""
 
     def __init__(self, embedding: nn.Parameter):
         super().__init__()
         self.embedding = embedding
 
-    def forward(self, hidden: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.embedding)
-        return logits.index_fill_(1, suppress, float("-inf")).argmax(dim=-1)
+    def forward(self, hidden: torch.Tensor) -> Logits:
+        return Logits(F.linear(hidden, self.embedding))
 
 
 HEAD_KINDS = {"int8": ShortlistHead, "fp32": FloatHead}
@@ -359,46 +363,10 @@ class FastDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- transcriber
 
 
-@dataclass(frozen=True)
-class DecodingRules:
-    """What transformers' Whisper `generate` does for greedy short-form transcription without timestamps."""
-
-    prompt: tuple[int, ...]
-    suppress: tuple[int, ...]
-    begin_suppress: tuple[int, ...]
-    eos: int
-    max_length: int
-
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any) -> DecodingRules:
-        config = model.generation_config
-        special = ["<|startoftranscript|>"]
-        if getattr(config, "is_multilingual", False):
-            special += ["<|en|>", "<|transcribe|>"]
-        special.append("<|notimestamps|>")
-        return cls(
-            prompt=tuple(tokenizer.convert_tokens_to_ids(special)),
-            suppress=tuple(config.suppress_tokens or ()),
-            begin_suppress=tuple(config.begin_suppress_tokens or ()),
-            eos=int(config.eos_token_id),
-            max_length=min(int(config.max_length), int(model.config.max_target_positions)),
-        )
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with `threads` intra-op threads (None: unchanged), restoring the previous number."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-class FastTranscriber:
-    """`Transcriber` over `FastEncoder` + `FastDecoder`; see the module docstring for what makes it fast.
+class FastTranscriber(StepDecoding):
+    """A step-wise engine (`engines.decoding.StepModel`) over `FastEncoder` + `FastDecoder`; the search and the
+    decoding rules are `StepDecoding`'s, the same as every step-wise engine's. See the module docstring for
+    what makes it fast.
 
     The transformers model is consumed: its encoder and decoder layers are emptied as they are converted.
     `kind_of` picks each fused linear's kind from its transformers module names, `head_kind` the LM head's,
@@ -418,63 +386,41 @@ class FastTranscriber:
         decoder_threads: int | None = None,
     ):
         self.processor = processor
+        self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+        self.max_target_positions = int(model.config.max_target_positions)
+        self.generation_config = model.generation_config
+        self.rules = StepRules.from_model(model)
         self.encoder: Callable[[torch.Tensor], torch.Tensor] = FastEncoder(
             model.model.encoder, "model.encoder", kind_of, attention, stem
         ).eval()
         self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind).eval()
-        self.rules = DecodingRules.from_model(model, processor.tokenizer)
         self.decoder_threads = decoder_threads
-        self._suppress = torch.tensor(self.rules.suppress, dtype=torch.long)
-        self._suppress_first = torch.tensor(sorted({*self.rules.suppress, *self.rules.begin_suppress}))
 
     def modules(self) -> Iterator[nn.Module]:
         """Every module of the (uncompiled) encoder and the decoder."""
         yield from (m for part in (self.encoder, self.decoder) if isinstance(part, nn.Module) for m in part.modules())
 
-    def features(self, audios: list[np.ndarray]) -> torch.Tensor:
-        extracted = self.processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        return extracted.input_features
+    def threads(self) -> contextlib.AbstractContextManager[None]:
+        return torch_threads(self.decoder_threads)
 
-    @torch.inference_mode()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """One utterance at a time: the encoder is compute-bound at batch 1 already (1500 frames a GEMM), and a
         single input shape lets a compiled encoder serve every batch size without recompiling."""
         return torch.cat([self.encoder(row[None]) for row in features])
 
-    @torch.inference_mode()
-    def generate(self, features: torch.Tensor) -> torch.Tensor:
-        """Greedy token ids, prompt included, (batch, length); finished rows are padded with `eos`."""
-        encoded = self.encode(features)
-        with torch_threads(self.decoder_threads):
-            return self._decode(encoded)
-
-    def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
-        """Greedy decoding of the whole batch in lockstep; an utterance leaves the batch at its `eos` (its rows
-        of the caches are dropped, once, in place), so the steps of the longest one cost only its own row, where
-        transformers keeps computing finished rows."""
-        rules, batch = self.rules, encoded.shape[0]
+    def start(self, encoded: torch.Tensor, prompt: torch.Tensor, max_length: int) -> tuple[Logits, Any]:
         cross = self.decoder.cross_keys_values(encoded)
-        cache = self.decoder.new_cache(batch, rules.max_length)
-        ids = torch.full((batch, rules.max_length), rules.eos)
-        ids[:, : len(rules.prompt)] = torch.tensor(rules.prompt)
-        rows = torch.arange(batch)  # the batch row of each active row
-        hidden = self.decoder(ids[:, : len(rules.prompt)], 0, cache, cross)
-        position = len(rules.prompt)
-        while True:
-            suppress = self._suppress_first if position == len(rules.prompt) else self._suppress
-            token = self.decoder.head(hidden, suppress)
-            ids[rows, position] = token
-            going = token != rules.eos
-            position += 1
-            if not bool(going.any()) or position == rules.max_length:
-                return ids[:, :position]
-            if not bool(going.all()):
-                kept = going.nonzero().view(-1).tolist()
-                rows, token = rows[going], token[going]
-                cache = [layer_cache.keep(kept) for layer_cache in cache]
-                cross = [tuple(keep_rows(keys_values, kept)) for keys_values in cross]
-            hidden = self.decoder(token[:, None], position - 1, cache, cross)
+        cache = self.decoder.new_cache(encoded.shape[0], max_length)
+        return self.decoder.head(self.decoder(prompt, 0, cache, cross)), (cache, cross)
+
+    def step(self, tokens: torch.Tensor, position: int, state: Any) -> Logits:
+        cache, cross = state
+        return self.decoder.head(self.decoder(tokens, position, cache, cross))
+
+    def keep(self, state: Any, rows: list[int]) -> Any:
+        """Finished rows leave the caches once, in place (`keep_rows`)."""
+        cache, cross = state
+        return [c.keep(rows) for c in cache], [tuple(keep_rows(kv, rows)) for kv in cross]
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
-        ids = self.generate(self.features(audios))
-        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [t.text for t in transcribe(self, audios, DecodingOptions())]

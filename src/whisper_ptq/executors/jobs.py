@@ -14,7 +14,7 @@ from typing import Any
 
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.rows import UtteranceResult
-from whisper_ptq.settings import Settings
+from whisper_ptq.settings import DecodingOptions, Settings
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Job:
         settings = dict(data["settings"])
         for key in ("data_root", "cache_dir"):
             settings[key] = None if settings[key] is None else Path(settings[key])
+        settings["decoding"] = DecodingOptions(**settings.get("decoding", {}))
         return cls(
             index=data["index"],
             model=data["model"],

@@ -177,6 +177,7 @@ class _Taker:
     def __init__(self, ct2: Ct2Model):
         self.variables = ct2.variables
         self.used: set[str] = set()
+        self.handed: set[int] = set()  # storages already handed out
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.variables:
@@ -185,7 +186,13 @@ class _Taker:
         tensor = self.variables[name]
         if not tensor.is_floating_point():
             raise UserError(f"CTranslate2 variable {name} is {tensor.dtype}: quantized models cannot be converted")
-        return tensor.float()
+        tensor = tensor.float()
+        # CTranslate2 stores equal tensors once (e.g. the zero biases of a fresh model): each weight gets its own,
+        # or transformers refuses to save weights that share memory without being tied.
+        if tensor.untyped_storage().data_ptr() in self.handed:
+            tensor = tensor.clone()
+        self.handed.add(tensor.untyped_storage().data_ptr())
+        return tensor
 
     def unused_tensors(self, aliases: dict[str, str]) -> list[str]:
         # Scalars (rank 0) are layer attributes like num_heads or activation, not weights.

@@ -20,6 +20,7 @@ import platformdirs
 
 from whisper_ptq.errors import UserError
 from whisper_ptq.files import atomic_dir
+from whisper_ptq.models.names import ENGLISH_ONLY_VOCAB_SIZE
 
 CT2_FILES = ("model.bin", "config.json", "tokenizer.json")
 
@@ -97,6 +98,19 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None) -> ModelSource
         f"unknown model {spec!r}: use a packaged model ({', '.join(PACKAGED_MODELS)}), "
         "a hub id like openai/whisper-small, or a local transformers or CTranslate2 directory"
     )
+
+
+def english_only(source: ModelSource) -> bool | None:
+    """Whether the model has only English (a `.en` model), read from its config without loading weights;
+    None when that needs the model (a hub id not named `*.en`)."""
+    if source.kind == "hub":
+        return True if source.spec.endswith(".en") else None
+    assert source.path is not None
+    if source.kind == "transformers":
+        return int(read_json(source.path / "config.json").get("vocab_size", 0)) <= ENGLISH_ONLY_VOCAB_SIZE
+    # A CTranslate2 folder: English-only models keep GPT-2's vocabulary, whose <|endoftext|> is token 50256.
+    added = read_json(source.path / "tokenizer.json").get("added_tokens", [])
+    return any(t.get("content") == "<|endoftext|>" and t.get("id") == 50256 for t in added)
 
 
 def _local_dir_kind(path: Path) -> str:
@@ -202,5 +216,3 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {first_line(exc)}") from exc
-
-

@@ -72,7 +72,19 @@ class Measure:
         return self.stats.get("cer", math.nan)
 
 
-SUMMARY_KEYS = ("n_utterances", "audio_seconds", "wer", "cer", "rtf")
+SUMMARY_KEYS = (
+    "n_utterances",
+    "audio_seconds",
+    "decoded_seconds",
+    "wer",
+    "cer",
+    "rtf",
+    "substitutions",
+    "deletions",
+    "insertions",
+    "runaways",
+    "long_utterances",
+)
 
 
 def _row_stats(summary: dict[str, Any], rows: list[UtteranceResult]) -> dict[str, float]:
@@ -80,7 +92,7 @@ def _row_stats(summary: dict[str, Any], rows: list[UtteranceResult]) -> dict[str
     re-normalizing every transcript costs about a minute per full LibriSpeech sweep."""
     if all(k in summary for k in SUMMARY_KEYS) and summary["n_utterances"] == len(rows):
         return {k: summary[k] for k in SUMMARY_KEYS}
-    return summarize(rows)
+    return {k: v for k, v in summarize(rows).items() if k in SUMMARY_KEYS}
 
 
 @dataclass

@@ -40,6 +40,7 @@ from whisper_ptq.report.figures import (
     snr_panels,
     snr_spec,
 )
+from whisper_ptq.report.longform import failure_table, long_short_table
 from whisper_ptq.report.tables import Table, csv_text, format_p, format_p_value
 from whisper_ptq.results.outputs import strict_json
 
@@ -114,11 +115,12 @@ def main_table(systems: Sequence[System], layout: Layout) -> Table:
         )
     counts = {parse_dataset(d).label: _utterance_count(systems, d) for d in layout.clean}
     notes = [
-        "WER and CER in %, corpus-level (total errors / total reference words or characters), Whisper English "
-        "normalizer; WER in brackets: 95% bootstrap CI, resampling utterances (10,000 resamples).",
+        "WER and CER in %, corpus-level (total errors / total reference words or characters), Whisper's normalizer "
+        "of the language (English, else its basic one); WER in brackets: 95% bootstrap CI, resampling utterances "
+        "(10,000 resamples).",
         f"Utterances per dataset: {', '.join(f'{k} {v}' for k, v in counts.items())}.",
-        f"RTF: compute seconds / audio seconds pooled over {', '.join(labels)} (the mean of the per-dataset RTFs "
-        "weighted by audio duration); model loading and audio decoding excluded.",
+        f"RTF: compute seconds / decoded audio seconds pooled over {', '.join(labels)} (the mean of the per-dataset "
+        "RTFs weighted by audio duration); model loading and audio decoding excluded.",
         "Size red.: 1 - saved size / fp32 saved size. Bits/weight: mean stored bits per weight of the linear layers.",
     ]
     notes += [f"{s.label} ({s.status}): {s.error}" for s in systems if s.error]
@@ -208,6 +210,8 @@ def setup_bullets(systems: Sequence[System]) -> list[str]:
 def build_blocks(ctx: ReportData) -> list[Block]:
     blocks: list[Block] = [Heading(ctx.title, 1), Bullets(setup_bullets(ctx.systems))]
     blocks += [Heading("Results (Table 1 layout)"), main_table(ctx.systems, ctx.layout)]
+    blocks += [Heading("Failure modes and long form")]
+    blocks += [t for t in (failure_table(ctx.systems, ctx.layout), long_short_table(ctx.systems, ctx.layout)) if t]
     blocks += [Heading("Paired significance vs fp32")]
     if ctx.table_comparisons:
         blocks += [significance_table(ctx.table_comparisons), Para(claims_paragraph(ctx.table_comparisons))]

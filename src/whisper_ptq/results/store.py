@@ -19,9 +19,10 @@ read. Summary figures are never stored: `results()` recomputes them from the row
 source of WER, CER, their confidence intervals and paired tests.
 
 Schema versions (PRAGMA user_version; also how a whisper-ptq database is told from any other SQLite file):
-1 had no identity, source or checksum; `MIGRATIONS` brings a database up to `SCHEMA_VERSION` when it is
-opened (in memory only, for a read-only open). Its rows keep an empty source and checksum: they are checked
-by their reference text and by scoring their texts again.
+1 had no identity, source, checksum, error kinds, language or decoded seconds; `MIGRATIONS` brings a database
+up to `SCHEMA_VERSION` when it is opened (in memory only, for a read-only open). Its rows keep an empty source
+and checksum: they are checked by their reference text and by scoring their texts again; their error kinds
+are counted from their texts, their language is English and their decoded audio at most 30 s, as it was.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.metrics import score_utterance
 from whisper_ptq.results.rows import UtteranceResult, summarize
 
 RESULTS_FILE = "results.sqlite"  # the store of a bench, sensitivity or search output dir
@@ -49,17 +51,7 @@ STATUSES = ("pending", "running", "done", "failed", "skipped")
 # A task that has not ended is "partial" in results(): it resumes on the next run.
 RESULT_STATUS = {"pending": "partial", "running": "partial", "done": "done", "failed": "failed", "skipped": "skipped"}
 # The stored fields of a row besides its id, in UtteranceResult's order.
-ROW_FIELDS = (
-    "reference",
-    "hypothesis",
-    "ref_words",
-    "word_errors",
-    "ref_chars",
-    "char_errors",
-    "audio_seconds",
-    "seconds",
-    "source",
-)
+ROW_FIELDS = tuple(field.name for field in fields(UtteranceResult))[1:]
 SQLITE_HEADER = b"SQLite format 3\x00"
 TABLES = {"experiment", "environments", "tasks", "utterances"}
 # What works after a refusal: bench's --force and --resume exclude each other, so say which to drop.
@@ -123,6 +115,17 @@ MIGRATIONS: dict[int, str] = {
         ALTER TABLE utterances ADD COLUMN source TEXT NOT NULL DEFAULT '';
         -- `_checksum` of the row's fields; '' for rows written before version 2
         ALTER TABLE utterances ADD COLUMN checksum TEXT NOT NULL DEFAULT '';
+        -- word-level error kinds (their sum is word_errors); computed from the texts below for older rows
+        ALTER TABLE utterances ADD COLUMN substitutions INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE utterances ADD COLUMN deletions INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE utterances ADD COLUMN insertions INTEGER NOT NULL DEFAULT 0;
+        -- the texts' language (normalizer); version 1 was English only
+        ALTER TABLE utterances ADD COLUMN language TEXT NOT NULL DEFAULT 'en';
+        -- some window stopped at the token limit
+        ALTER TABLE utterances ADD COLUMN hit_token_limit INTEGER NOT NULL DEFAULT 0;
+        -- audio the engine decoded: version 1's engines decoded at most the first 30 s of an utterance
+        ALTER TABLE utterances ADD COLUMN decoded_seconds REAL;
+        UPDATE utterances SET decoded_seconds = MIN(audio_seconds, 30.0);
     """,
 }
 
@@ -354,6 +357,7 @@ class Store:
         rows = []
         for utterance_id, *values, checksum in cursor:
             row = UtteranceResult(utterance_id, *values)
+            row = replace(row, hit_token_limit=bool(row.hit_token_limit))  # SQLite keeps booleans as integers
             if (checksum != _checksum(row)) if checksum else (row.rescored() != row):
                 model, recipe, dataset = self._db.execute(
                     "SELECT model, recipe, dataset FROM tasks WHERE id = ?", (task_id,)
@@ -507,11 +511,26 @@ def _migrate(db: sqlite3.Connection) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     for start in range(version, SCHEMA_VERSION):
         try:
-            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[start]}; PRAGMA user_version = {start + 1}; COMMIT;")
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[start]};")
+            if start == 1:
+                _count_error_kinds(db)
+            db.execute(f"PRAGMA user_version = {start + 1}")
+            db.commit()
         except sqlite3.Error:
             if db.in_transaction:
                 db.rollback()
             raise
+
+
+def _count_error_kinds(db: sqlite3.Connection) -> None:
+    """Substitutions, deletions and insertions of rows written before they were stored, from their texts
+    (version 1 was English only); their other counts are left as written, so an altered row stays detectable."""
+    cursor = db.execute("SELECT rowid, reference, hypothesis FROM utterances WHERE checksum = ''")
+    counts = []
+    for row_id, reference, hypothesis in cursor.fetchall():
+        score = score_utterance(reference, hypothesis)
+        counts.append((score.substitutions, score.deletions, score.insertions, row_id))
+    db.executemany("UPDATE utterances SET substitutions = ?, deletions = ?, insertions = ? WHERE rowid = ?", counts)
 
 
 def _lock(path: Path) -> int:

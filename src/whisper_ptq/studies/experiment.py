@@ -15,7 +15,7 @@ from typing import Any
 from whisper_ptq.data.modifiers import NoiseModifier
 from whisper_ptq.errors import UserError
 from whisper_ptq.results.store import RESULTS_FILE, Store
-from whisper_ptq.settings import DEFAULT_CALIBRATION, Settings
+from whisper_ptq.settings import DEFAULT_CALIBRATION, TASKS, DecodingOptions, Settings
 
 DEFAULT_EXPERIMENT = "paper"
 
@@ -37,12 +37,28 @@ class Experiment:
     device: str = "cpu"
     calibration: str = DEFAULT_CALIBRATION
     calibration_limit: int = 32
+    # Decoding (`settings.DecodingOptions`), the same for every task of the experiment.
+    language: str = "en"
+    task: str = "transcribe"
+    beam_size: int = 1
+    temperature_fallback: bool = False
+    condition_on_previous_text: bool = False
     source: str = field(default="", compare=False)  # the file or preset it came from, for error messages
 
     def config(self) -> dict[str, Any]:
         config = asdict(self)
         del config["source"]  # where it was read from does not change what it is
+        # Decoding options at their defaults are left out: databases written before they existed keep their identity.
+        for key in DecodingOptions().to_dict():
+            del config[key]
+        config.update(self.decoding.changed())
         return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+    @property
+    def decoding(self) -> DecodingOptions:
+        return DecodingOptions(
+            self.language, self.task, self.beam_size, self.temperature_fallback, self.condition_on_previous_text
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "") -> Experiment:
@@ -70,6 +86,7 @@ class Experiment:
             calibration=self.calibration,
             calibration_limit=self.calibration_limit,
             progress=False,  # workers draw no bars: the driver draws them from the events
+            decoding=self.decoding,
         )
 
 
@@ -111,6 +128,11 @@ KEYS: dict[str, _Key] = {
     "device": _Key('"cpu", "cuda" or "cuda:<N>"', lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),
     "calibration": _STRING,
     "calibration_limit": _COUNT,
+    "language": _Key('a Whisper language code or "auto"', lambda v: isinstance(v, str) and bool(v.strip())),
+    "task": _Key(" or ".join(f'"{t}"' for t in TASKS), lambda v: v in TASKS),
+    "beam_size": _COUNT,
+    "temperature_fallback": _Key("true or false", lambda v: isinstance(v, bool)),
+    "condition_on_previous_text": _Key("true or false", lambda v: isinstance(v, bool)),
 }
 REQUIRED = ("recipes", "datasets")
 
@@ -153,7 +175,12 @@ def parse_experiment(text: str, source: str, default_name: str) -> Experiment:
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise UserError(f"{source}: missing key {missing[0]!r} ({KEYS[missing[0]].expected})")
-    return Experiment.from_config({"name": default_name, **data}, source)
+    experiment = Experiment.from_config({"name": default_name, **data}, source)
+    try:
+        experiment.decoding  # noqa: B018 - validates the language
+    except UserError as exc:
+        raise UserError(f"{_where(source, text, 'language')}: {exc}") from None
+    return experiment
 
 
 def _where(source: str, text: str, key: str) -> str:

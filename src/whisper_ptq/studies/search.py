@@ -204,7 +204,9 @@ def run_search(spec: SearchSpec, settings: Settings, out_dir: Path, force: bool 
     del bundle
     search_set = preload(spec.search)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with Store.for_experiment(out_dir / RESULTS_FILE, f"search-{spec.model}", spec.config(), force) as store:
+    with Store.for_experiment(
+        out_dir / RESULTS_FILE, f"search-{spec.model}", settings.decoding.identify(spec.config()), force
+    ) as store:
         runner = Runner(store, spec.model, settings, linears)
         fp32 = runner.measure(Run("fp32", get_recipe("fp32")), search_set)
         cells = [_cell(group, fmt, runner.measure(run, search_set), fp32) for (group, fmt), run in cell_runs.items()]

@@ -103,7 +103,7 @@ def run_sensitivity(study: Study, settings: Settings, out_dir: Path, force: bool
     dataset = preload(study.dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"sensitivity-{study.model}-{study.recipe.name}"
-    with Store.for_experiment(out_dir / RESULTS_FILE, name, study.config(), force) as store:
+    with Store.for_experiment(out_dir / RESULTS_FILE, name, settings.decoding.identify(study.config()), force) as store:
         runner = Runner(store, study.model, settings, linears)
         measurements = [runner.measure(run, dataset) for run in runs]
     rows = table_rows(measurements)
