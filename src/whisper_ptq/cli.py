@@ -457,15 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars and one-line summaries are the output; transformers' load bars and deprecation
-    chatter would bury them. Set through the environment, read when transformers is first imported (never by
-    commands that need no model) and inherited by sweep workers."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def error_message(exc: UserError) -> str:
     """The library's message with its parameter named as this command line's flag (`batch_size` -> `--batch-size`)."""
     message = str(exc)
@@ -475,7 +466,10 @@ def error_message(exc: UserError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    from whisper_ptq.settings import QUIET_LIBRARIES
+
+    for key, value in QUIET_LIBRARIES.items():  # before anything imports transformers (see QUIET_LIBRARIES)
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -5,7 +5,8 @@ Where each reported number comes from:
 - RTF: sum of the timed region (feature extraction + generate + decoding; after an untimed warm-up batch of
   one second of speech; model load and audio decoding excluded) over the sum of audio durations.
 - size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
-  unquantized model; size_reduction = 1 - size / fp32 size.
+  unquantized model; size_reduction = 1 - size / fp32 size; fp16_size_bytes the unquantized model saved in fp16
+  (what OpenAI ships), the size users download.
 - peak_rss_bytes: the process's peak resident memory (getrusage), model load and quantization included.
 """
 
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_ptq.backends import BuildContext, Built, backend_for, library_packages
-from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
+from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers, unquantized_parts
 from whisper_ptq.data import SAMPLE_RATE, Dataset, load_audio
 from whisper_ptq.engines import set_threads
 from whisper_ptq.errors import UserError
@@ -47,6 +48,20 @@ def serialized_bytes(save: Callable[[Path], None]) -> int:
     with tempfile.TemporaryDirectory(prefix="whisper-ptq-size-") as tmp:
         save(Path(tmp))
         return directory_bytes(Path(tmp))
+
+
+def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with floating-point tensors in fp16, tied tensors still one tensor (saved once)."""
+    halves: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            shared = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if shared not in halves:
+                halves[shared] = tensor.half()
+            tensor = halves[shared]
+        state[key] = tensor
+    return state
 
 
 class Quantized:
@@ -100,6 +115,7 @@ class Quantized:
     ) -> Quantized:
         threads = set_threads(settings.threads)
         fp32_bytes = serialized_bytes(lambda d: torch.save(bundle.model.state_dict(), d / "model.pt"))
+        fp16_bytes = serialized_bytes(lambda d: torch.save(fp16_state_dict(bundle.model), d / "model.pt"))
         layers = linear_layers(bundle.model)
         backend = backend_for(recipe)
         with tempfile.TemporaryDirectory(prefix="whisper-ptq-work-") as work:
@@ -119,12 +135,15 @@ class Quantized:
             "quantize_seconds": quantize_seconds,
             "size_bytes": size,
             "fp32_size_bytes": fp32_bytes,
+            "fp16_size_bytes": fp16_bytes,
             "size_reduction": 1.0 - size / fp32_bytes,
             **extra,
             **built.info,
         }
-        if "linear_bits_per_weight" not in info and isinstance(built.model, torch.nn.Module):
-            info["linear_bits_per_weight"] = linear_bits_per_weight(built.model, layers)
+        if isinstance(built.model, torch.nn.Module):
+            if "linear_bits_per_weight" not in info:
+                info["linear_bits_per_weight"] = linear_bits_per_weight(built.model, layers)
+            info["unquantized"] = unquantized_parts(built.model, layers)
         return cls(bundle, recipe, built, settings, info)
 
     @property
@@ -240,5 +259,3 @@ class EvalResult:
             **run_environment(),
             "argv": sys.argv,
         }
-
-

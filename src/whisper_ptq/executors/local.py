@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from whisper_ptq.executors.jobs import Event, Failed, Job, decode_event
+from whisper_ptq.settings import quiet_environment
 
 STDERR_TAIL_LINES = 3
 
@@ -39,6 +40,7 @@ class LocalExecutor:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
+                env=quiet_environment(),  # a sweep started from the Python API gets clean logs too
             )
             try:
                 worker.stdin.write(json.dumps(job.to_dict()))

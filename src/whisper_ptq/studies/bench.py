@@ -25,14 +25,15 @@ from whisper_ptq.data.datasets import calibration_dataset
 from whisper_ptq.data.specs import dataset_label
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors import make_executor
-from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows
+from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows, Timed
 from whisper_ptq.models.sources import resolve_model
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment
 from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.store import RESULTS_FILE, Store
+from whisper_ptq.results.timing import ACCURACY_ROUND, TIMING_KEY, TimedPass
 from whisper_ptq.settings import Settings
-from whisper_ptq.studies.experiment import Experiment
+from whisper_ptq.studies.experiment import UNMEASURED, Experiment
 
 # ---------------------------------------------------------------------------------------------- planning
 
@@ -109,11 +110,13 @@ class SweepResult:
 
 
 def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
+    """The accuracy jobs (what the database lacks), then the rounds of timing passes that `repeats` and
+    `timing_batch_sizes` ask for (see `_timing_rounds`)."""
     settings = experiment.settings(options.data_root, options.cache_dir)
     tasks = plan(experiment, settings)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     with Store.for_experiment(
-        options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force
+        options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force, UNMEASURED
     ) as store:
         # The driver's machine and settings; each task's info also carries its worker's own environment.
         env_id = store.record_environment(
@@ -132,7 +135,8 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
         if jobs:
             make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
         recorder.close()
-        return SweepResult(store.results(), len(jobs))
+        timed = _timing_rounds(experiment, options, settings, store, tasks, task_ids)
+        return SweepResult(store.results(), len(jobs) + timed)
 
 
 def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings) -> list[Job]:
@@ -151,6 +155,117 @@ def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: 
             store.set_status(task_id, "pending")  # clears the error of an earlier failed attempt
             parts.setdefault((task.model, task.recipe), []).append(Part(task.dataset, todo))
     return [Job(i, model, recipe, tuple(ps), settings) for i, ((model, recipe), ps) in enumerate(parts.items())]
+
+
+def _timing_rounds(
+    experiment: Experiment,
+    options: SweepOptions,
+    settings: Settings,
+    store: Store,
+    tasks: list[Task],
+    task_ids: dict[Task, int],
+) -> int:
+    """Time every completed task again until it has `repeats` passes at each batch size (its accuracy pass
+    is the first at `batch_size`), over the same utterances, and return the jobs started.
+
+    A round holds one timing job per (model, recipe), run in experiment order, and every round ends before
+    the next starts: recipes are interleaved pass by pass (A B C, A B C, ...), so a slow spell of a shared
+    machine hits one pass of some recipes, not every pass of one, and the median over passes discards it.
+    Each job loads and quantizes its model afresh, in its own worker, as the accuracy job did.
+    """
+    sizes = list(dict.fromkeys([settings.batch_size, *experiment.timing_batch_sizes]))
+    failed: set[tuple[str, Recipe]] = set()  # systems whose timing failed in this run: not tried again
+    started = 0
+    while True:
+        jobs = _timing_jobs(tasks, task_ids, store, settings, sizes, experiment.repeats, failed)
+        if not jobs:
+            return started
+        recorder = _TimingRecorder(store, jobs, task_ids, tasks, failed, options.progress)
+        make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
+        recorder.close()
+        started += len(jobs)
+
+
+def _timing_jobs(
+    tasks: list[Task],
+    task_ids: dict[Task, int],
+    store: Store,
+    settings: Settings,
+    sizes: list[int],
+    repeats: int,
+    failed: set[tuple[str, Recipe]],
+) -> list[Job]:
+    """The next round: for each (model, recipe), a part per completed task short of passes at some size."""
+    parts: dict[tuple[str, Recipe], list[Part]] = {}
+    last_round = ACCURACY_ROUND
+    for task in tasks:
+        if store.status(task_ids[task]) != "done" or (task.model, task.recipe) in failed:
+            continue
+        passes = [TimedPass.from_dict(p) for p in store.info(task_ids[task]).get(TIMING_KEY) or []]
+        last_round = max([last_round, *(p.round for p in passes)])
+        counts = {size: sum(p.batch_size == size for p in passes) + (size == settings.batch_size) for size in sizes}
+        short = tuple(size for size in sizes if counts[size] < repeats)
+        if short:
+            parts.setdefault((task.model, task.recipe), []).append(Part(task.dataset, task.ids, short))
+    return [
+        Job(i, model, recipe, tuple(ps), settings, timing_round=last_round + 1)
+        for i, ((model, recipe), ps) in enumerate(parts.items())
+    ]
+
+
+class _TimingRecorder:
+    """The driver's handler of a timing round: each pass joins its task's info, checked against the stored
+    hypotheses; a failed job marks its tasks' timing as failed, never the tasks themselves."""
+
+    def __init__(
+        self,
+        store: Store,
+        jobs: list[Job],
+        task_ids: dict[Task, int],
+        tasks: list[Task],
+        failed: set[tuple[str, Recipe]],
+        progress: bool,
+    ):
+        self.store, self.failed = store, failed
+        by_cell = {(t.model, t.recipe, t.dataset): task_ids[t] for t in tasks}
+        self.jobs = {j.index: j for j in jobs}
+        self.parts = {(j.index, p.dataset): by_cell[j.model, j.recipe, p.dataset] for j in jobs for p in j.parts}
+        self.pending = {(j.index, p.dataset): len(p.batch_sizes) for j in jobs for p in j.parts}
+        self.bar = tqdm(
+            total=sum(self.pending.values()),
+            desc=f"timing round {jobs[0].timing_round}",
+            unit="pass",
+            position=0,
+            disable=not progress,
+        )
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case Timed(job=job, dataset=dataset, info=info, hypotheses=hypotheses):
+                task_id = self.parts[job, dataset]
+                stored = {row.id: row.hypothesis for row in self.store.rows(task_id)}
+                info = {**info, "differing_hypotheses": sum(stored.get(i) != h for i, h in hypotheses.items())}
+                passes = [*(self.store.info(task_id).get(TIMING_KEY) or []), info]
+                self.store.merge_info(task_id, {TIMING_KEY: passes, "timing_error": None})
+                self.pending[job, dataset] -= 1
+                self.bar.update(1)
+            case Failed(job=job, error=error, dataset=dataset):
+                self._fail(job, error, dataset)
+
+    def _fail(self, job: int, error: str, dataset: str | None = None) -> None:
+        unfinished = [key for key, left in self.pending.items() if key[0] == job and dataset in (None, key[1]) and left]
+        if not unfinished:
+            return
+        tqdm.write(f"{self.jobs[job].label}: failed: {error}", file=sys.stderr)
+        self.failed.add((self.jobs[job].model, self.jobs[job].recipe))
+        for key in unfinished:
+            self.store.merge_info(self.parts[key], {"timing_error": error})
+            self.pending[key] = 0
+
+    def close(self) -> None:
+        for job in self.jobs:
+            self._fail(job, "worker ended before its timing passes finished")
+        self.bar.close()
 
 
 class _Recorder:
