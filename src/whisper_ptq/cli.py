@@ -132,11 +132,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = quantized.evaluate(dataset, progress=settings.progress)
     summary = result.summary()
     write_outputs(out, summary, result.rows)
+    low, high = summary["wer_ci95"]
     print(
         f"{summary['model']} {summary['recipe']} {summary['dataset']}: n={summary['n_utterances']} "
-        f"WER {summary['wer']:.2f}% CER {summary['cer']:.2f}% RTF {summary['rtf']:.3f} "
+        f"WER {summary['wer']:.2f}% (95% CI {low:.2f}-{high:.2f}) CER {summary['cer']:.2f}% RTF {summary['rtf']:.3f} "
         f"size {summary['size_bytes'] / 1e6:.1f} MB ({100 * summary['size_reduction']:.0f}% smaller) -> {out}"
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from whisper_ptq.report.compare import compare_runs, format_comparison, open_run
+
+    a, b = open_run(args.run_a), open_run(args.run_b)
+    print(format_comparison(a, b, compare_runs(a, b, args.dataset)))
     return 0
 
 
@@ -230,8 +239,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sweep = run_sweep(experiment, options)
     if sweep.jobs == 0:
         print(f"nothing left to run: {out} already holds every result of {experiment.name!r}")
-    print_summary(sweep.results)
-    write_report(out, sweep.results, experiment.config())
+    config = experiment.config()
+    print_summary(sweep.results, config["labels"])
+    summary = write_report(out, sweep.results, config)
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out / 'report.md'}")
     return 1 if any(r["status"] == "failed" for r in sweep.results) else 0
 
@@ -443,6 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="discard results of a different search in --out")
     _add_run_options(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "compare",
+        help="two runs on the same utterances: paired test, CIs and the utterances that differ",
+        description="Compare run B with run A on the utterances both transcribed: WER and CER with 95% CIs, the "
+        "paired permutation test of B against A with the paired CI of the difference, and every utterance whose "
+        "normalized hypotheses differ (normalized reference and both hypotheses). A run is an eval output folder, "
+        "or DIR:RECIPE (DIR:MODEL/RECIPE when DIR holds several models) for a recipe of a bench folder.",
+        epilog=_examples(
+            "whisper-ptq compare runs/eval/tiny.en-fp32-clean runs/eval/tiny.en-ct2-int8-clean",
+            "whisper-ptq compare runs/paper:fp32 runs/paper:quanto-int8 --dataset other",
+        ),
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="eval output folder, or BENCH_DIR:RECIPE")
+    p.add_argument("run_b", metavar="RUN_B", help="eval output folder, or BENCH_DIR:RECIPE")
+    p.add_argument("--dataset", help="only this dataset (spec or label, e.g. other) of a bench folder")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "report",

@@ -35,6 +35,7 @@ from whisper_ptq.preflight import check_runnable, preflight
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment, peak_rss_bytes
 from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.stats import bootstrap_rate_ci
 from whisper_ptq.settings import Settings
 
 
@@ -251,10 +252,14 @@ class EvalResult:
         return int(self.info["size_bytes"])
 
     def summary(self) -> dict[str, Any]:
+        wer_ci = bootstrap_rate_ci([r.word_errors for r in self.rows], [r.ref_words for r in self.rows])
+        cer_ci = bootstrap_rate_ci([r.char_errors for r in self.rows], [r.ref_chars for r in self.rows])
         return {
             **self.info,
             "dataset": self.dataset,
             **self.figures,
+            "wer_ci95": [wer_ci.low, wer_ci.high],  # bootstrap over utterances (`results.stats`)
+            "cer_ci95": [cer_ci.low, cer_ci.high],
             "peak_rss_bytes": peak_rss_bytes(),
             **run_environment(),
             "argv": sys.argv,

@@ -201,7 +201,7 @@ class Layout:
         elif PAIR[1] in by_base:
             chosen, reason = by_base[PAIR[1]], "the default: test-other, the harder LibriSpeech test set"
         else:
-            chosen, reason = clean[0], "the default: the first dataset listed (set reference_dataset to choose)"
+            chosen, reason = clean[0], "the default without test-other: the first dataset listed"
         return cls(clean, chosen, reason, pair, [i for i in infos if i.snr is not None], labels)
 
     def label(self, spec: str) -> str:

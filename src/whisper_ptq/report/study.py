@@ -93,7 +93,7 @@ def _tolerance_sentence(g: dict[str, Any], ref: str) -> str:
         return ", ".join(items) or "none"
 
     line = (
-        f"Tolerance: WER on {ref} at most fp32 + {tol:g} points ({fp32['wer']:.2f} + {tol:g} = "
+        f"Tolerance: WER on {ref} at most fp32 + {_points(tol)} ({fp32['wer']:.2f} + {tol:g} = "
         f"{fp32['wer'] + tol:.2f}), judged by the upper end of the paired 95% CI of the difference from fp32 "
         f"(n = {max((c['n_utterances'] for c in checks), default=0)}). Within it: {listed(WITHIN)}."
     )
@@ -162,6 +162,10 @@ def _undecided(recipe: str, check: dict[str, Any], tol: float) -> str:
 def _rtf_text(numbers: dict[str, Any]) -> str:
     rtf = f"{numbers['rtf']:.3f}"
     return f"{rtf} ({numbers['rtf_low']:.3f}-{numbers['rtf_high']:.3f})" if numbers.get("passes", 0) > 1 else rtf
+
+
+def _points(value: float) -> str:
+    return f"{value:g} WER point{'' if value == 1 else 's'}"
 
 
 def _percent(fraction: float) -> str:
@@ -382,8 +386,9 @@ def setup_bullets(ctx: ReportData) -> list[str]:
         items.append(f"Calibration set (static recipes): {calib}")
     items.append("Datasets: " + ", ".join(f"{layout.label(d)} = {d}" for d in layout.clean))
     items.append(
-        f"Guidance: reference dataset {layout.label(layout.reference)} ({layout.reference_reason}); tolerance "
-        f"{ctx.tolerance:g} WER points (the experiment's `tolerance`, default {DEFAULT_TOLERANCE:g})"
+        f"Guidance: reference dataset {layout.label(layout.reference)} ({layout.reference_reason}; the experiment's "
+        f"`reference_dataset` sets it); tolerance {_points(ctx.tolerance)} (`tolerance`, default "
+        f"{_points(DEFAULT_TOLERANCE)})"
     )
     return items
 
@@ -424,7 +429,7 @@ def _guidance_rules(ctx: ReportData) -> str:
     )
     return (
         f"Rules: the reference dataset is {ref} ({layout.reference_reason}). Within tolerance = the upper end of the "
-        f"paired 95% bootstrap CI of the WER difference from fp32 on {ref} is at most +{tol:g} points; undecided = "
+        f"paired 95% bootstrap CI of the WER difference from fp32 on {ref} is at most +{tol:g}; undecided = "
         f"the CI contains +{tol:g}; beyond = its lower end is above +{tol:g}. Fastest = lowest median RTF (at the "
         "batch size the rows were transcribed at) and smallest = smallest saved size, among the recipes within "
         f"tolerance or undecided; {robust}avoid = significantly worse than fp32 (paired test, 5%) on any dataset of "

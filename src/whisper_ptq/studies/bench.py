@@ -10,7 +10,7 @@ re-run into the same directory resumes an interrupted sweep and a finished one c
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,16 @@ from tqdm import tqdm
 from whisper_ptq.backends import backend_for, get_recipe, library_packages
 from whisper_ptq.data import open_dataset
 from whisper_ptq.data.datasets import calibration_dataset
-from whisper_ptq.data.specs import dataset_label
+from whisper_ptq.data.specs import dataset_label, parse_dataset_spec
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors import make_executor
 from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows, Timed
 from whisper_ptq.models.sources import resolve_model
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment
-from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.rows import UtteranceResult
 from whisper_ptq.results.store import RESULTS_FILE, Store
-from whisper_ptq.results.timing import ACCURACY_ROUND, TIMING_KEY, TimedPass
+from whisper_ptq.results.timing import ACCURACY_ROUND, TIMING_KEY, Speed, TimedPass, pooled_speeds, task_passes
 from whisper_ptq.settings import Settings
 from whisper_ptq.studies.experiment import UNMEASURED, Experiment
 
@@ -358,33 +358,48 @@ class _Recorder:
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def print_summary(results: list[dict[str, Any]], console: Console | None = None) -> None:
-    """The one-screen terminal table: one row per (model, recipe), the WER of each dataset."""
+def print_summary(
+    results: list[dict[str, Any]], labels: Mapping[str, str] | None = None, console: Console | None = None
+) -> None:
+    """The one-screen terminal table: one row per (model, recipe), the WER of each dataset (under the
+    experiment's `labels`), the RTF as the report gives it (median over the timed passes, min-max) and the size."""
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     models = list(dict.fromkeys(r["model"] for r in results))
     systems: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
         systems.setdefault((result["model"], result["recipe"]), []).append(result)
+    names = {parse_dataset_spec(spec).clean: label for spec, label in (labels or {}).items()}
     table = Table(title="whisper-ptq bench")
-    for column in [*(["model"] if len(models) > 1 else []), "recipe", *(f"WER {dataset_label(d)}" for d in datasets)]:
+    headers = [f"WER {parse_dataset_spec(d).labelled(names.get(parse_dataset_spec(d).clean))}" for d in datasets]
+    for column in [*(["model"] if len(models) > 1 else []), "recipe", *headers]:
         table.add_column(column)
     table.add_column("RTF", justify="right")
-    table.add_column("size red.", justify="right")
+    table.add_column("size", justify="right")
     table.add_column("status", overflow="fold", max_width=50)
     for (model, recipe), cells in systems.items():
         wer = {c["dataset"]: c["summary"].get("wer") for c in cells}
-        rows = [UtteranceResult(**u) for c in cells for u in c["utterances"]]
         info = next((c["summary"] for c in cells if c["summary"]), {})
+        clean = [c for c in cells if c["utterances"] and parse_dataset_spec(c["dataset"]).noise is None]
+        passes = (task_passes([UtteranceResult(**u) for u in c["utterances"]], c["summary"]) for c in clean)
+        speeds = pooled_speeds(passes)
+        speed = speeds.get(info.get("batch_size"))
+        size = f"{info['size_bytes'] / 1e6:.1f} MB" if "size_bytes" in info else "-"
         table.add_row(
             *([model] if len(models) > 1 else []),
             recipe,
             *(_number(wer.get(d), ".2f") for d in datasets),
-            _number(summarize(rows)["rtf"] if rows else None, ".3f"),
-            _number(100 * info["size_reduction"] if "size_reduction" in info else None, ".0f", "%"),
+            _rtf(speed),
+            size + (f" ({-100 * info['size_reduction']:+.0f}%)" if "size_reduction" in info else ""),
             _status(cells),
         )
     # Not narrower than 120 columns: a pipe or a small terminal would otherwise cut recipe names.
     (console or Console(width=max(120, Console().width))).print(table)
+
+
+def _rtf(speed: Speed | None) -> str:
+    if speed is None:
+        return "-"
+    return f"{speed.median:.3f}" + (f" ({speed.low:.3f}-{speed.high:.3f})" if speed.passes > 1 else "")
 
 
 def _number(value: float | None, spec: str, suffix: str = "") -> str:
