@@ -106,6 +106,13 @@ def test_bad_report_keys_are_refused_with_their_line(extra: str, message: str) -
         parse_experiment(text, "exp.toml", "exp")
 
 
+def test_the_readme_experiment_parses() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = re.search(r"### Experiments.*?```toml\n(.*?)```", readme, re.DOTALL).group(1)
+    experiment = parse_experiment(text, "README.md", "readme")
+    assert experiment.reference_dataset == "calls" and experiment.timing_batch_sizes == (1,)
+
+
 def test_two_datasets_may_not_share_a_label() -> None:
     text = 'recipes = ["fp32"]\ndatasets = ["manifest:a/calls.jsonl", "manifest:b/calls.jsonl"]\n'
     with pytest.raises(UserError, match=r"exp\.toml:2: datasets .* are both labelled 'calls'; give one a label"):
