@@ -140,6 +140,20 @@ def test_unmeasured_keys_resume_the_same_database(tmp_path: Path) -> None:
         Store.for_experiment(path, "quick", {**changed, "limit": 4}, unmeasured=UNMEASURED)
 
 
+def test_timing_jobs_and_events_survive_their_json_form_and_are_never_cut(tmp_path: Path) -> None:
+    from whisper_ptq.backends import get_recipe
+    from whisper_ptq.executors.jobs import Job, Part, Timed, decode_event, encode_event
+    from whisper_ptq.settings import Settings
+
+    ids = tuple(f"u{i}" for i in range(60))
+    job = Job(2, "tiny.en", get_recipe("fp32"), (Part("d", ids, (8, 1)),), Settings(data_root=tmp_path), 3)
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    assert job.shards(25) == [job]  # a pass is timed over all of its utterances, on one worker
+    assert job.label == "tiny.en fp32 timing 3"
+    event = Timed(2, "d", {"batch_size": 8, "round": 3, "seconds": 1.5}, {"u0": "a b"})
+    assert decode_event(encode_event(event)) == event
+
+
 TIMED = """
 name = "timed"
 models = ["tiny.en"]

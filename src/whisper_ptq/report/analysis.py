@@ -337,7 +337,7 @@ def _model_guidance(
     if base is None or math.isnan(base.wer(ref)):
         out["note"] = f"guidance needs a completed fp32 baseline for {model}; none was found"
         return out
-    on_ref = {c.system.recipe: c for c in comps if c.dataset == ref and c.system in mine}
+    on_ref = {c.system.recipe: c for c in comps if c.dataset == ref and any(c.system is s for s in mine)}
     checks = [ToleranceCheck(on_ref[s.recipe], tol) for s in mine if s.recipe in on_ref]
     within = [c.comparison.system for c in checks if c.state != EXCEEDS]
     out["fp32"] = _numbers(base, base, layout, None)
@@ -457,7 +457,8 @@ def busy_timing(systems: Sequence[System], layout: Layout) -> str | None:
     cpus = next((speed.cpus for _, speed in hit if speed.cpus), None)
     names = ", ".join(dict.fromkeys(s.label for s, _ in hit))
     return (
-        f"the machine was busy while timing: the load average reached {load:.1f} with {threads} threads in use on "
+        f"the machine was busy while timing: the load average reached {load:.1f} with {threads} "
+        f"thread{'' if threads == 1 else 's'} in use on "
         f"{cpus} CPUs, in {passes} of {total} timed passes ({names}); other processes competed for the CPU, so "
         "those RTFs are inflated and their comparison is unreliable: time again on an idle machine"
     )
