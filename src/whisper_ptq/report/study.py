@@ -66,10 +66,11 @@ def guidance_sentences(g: dict[str, Any], layout: Layout) -> list[str]:
         check = numbers.get("tolerance_check") or {}
         wer = f"WER {ref} {numbers['wer']:.2f} ({numbers['wer_vs_fp32']:+.2f} vs fp32"
         wer += f", 95% CI [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}])" if check else ")"
-        line = f"{_title(categories, layout)}: **{recipe}**, {', '.join([*parts, wer])}."
+        undecided = check.get("state") == UNDECIDED and any(c != "most_robust" for c in categories)
+        line = f"{_title(categories, layout, undecided)}: **{recipe}**, {', '.join([*parts, wer])}."
         if "fastest" in categories:
             line += _speed_caveats(g["fastest"])
-        if check.get("state") == UNDECIDED and any(c != "most_robust" for c in categories):
+        if undecided:
             line += " " + _undecided(recipe, check, tol)
         lines.append(line)
     for a in g["avoid"]:
@@ -107,13 +108,14 @@ def _tolerance_sentence(g: dict[str, Any], ref: str) -> str:
     return line
 
 
-def _title(categories: list[str], layout: Layout) -> str:
+def _title(categories: list[str], layout: Layout, undecided: bool) -> str:
     ranked = [CATEGORY_WORDS[c] for c in categories if c != "most_robust"]
     robust = f"most robust on {layout.label(layout.pair[1])}" if "most_robust" in categories and layout.pair else ""
     if not ranked:
         return robust.capitalize()
     words = ranked[0] if len(ranked) == 1 else f"{ranked[0]} and {ranked[1]}"
     title = f"{words.capitalize()} quantized recipe within tolerance"
+    title += " as far as this sample can tell" if undecided else ""
     return f"{title}, and the {robust}" if robust else title
 
 

@@ -389,7 +389,7 @@ def print_summary(
             recipe,
             *(_number(wer.get(d), ".2f") for d in datasets),
             _rtf(speed),
-            size + (f" ({-100 * info['size_reduction']:+.0f}%)" if "size_reduction" in info else ""),
+            size + (f" ({0.0 - 100 * info['size_reduction']:+.0f}%)" if "size_reduction" in info else ""),
             _status(cells),
         )
     # Not narrower than 120 columns: a pipe or a small terminal would otherwise cut recipe names.
