@@ -292,7 +292,7 @@ def test_users_datasets_have_their_labels_everywhere(tmp_path: Path) -> None:
     markdown = (tmp_path / "report.md").read_text()
     assert "| Recipe | WER lj | WER clean | CER lj | CER clean |" in markdown
     assert "/data/recordings" not in markdown.split("## Results")[1]  # the path is only in the setup list
-    assert "reference dataset lj (set by the experiment's reference_dataset)" in markdown
+    assert "reference dataset lj (set by the experiment's `reference_dataset`)" in markdown
     assert "Tolerance: WER on lj at most fp32" in markdown
     assert "Most robust" not in markdown and "The paper" not in markdown
     default = report.write_report(tmp_path, make_results((mine, CLEAN), RECIPES[:2]))

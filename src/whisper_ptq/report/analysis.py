@@ -197,11 +197,13 @@ class Layout:
             None,
         )
         if chosen:
-            reason = "set by the experiment's reference_dataset"
+            reason = "set by the experiment's `reference_dataset`"
         elif PAIR[1] in by_base:
             chosen, reason = by_base[PAIR[1]], "the default: test-other, the harder LibriSpeech test set"
         else:
             chosen, reason = clean[0], "the default without test-other: the first dataset listed"
+        if reason.startswith("the default"):
+            reason += "; `reference_dataset` chooses another"
         return cls(clean, chosen, reason, pair, [i for i in infos if i.snr is not None], labels)
 
     def label(self, spec: str) -> str:

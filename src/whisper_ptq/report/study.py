@@ -388,9 +388,8 @@ def setup_bullets(ctx: ReportData) -> list[str]:
         items.append(f"Calibration set (static recipes): {calib}")
     items.append("Datasets: " + ", ".join(f"{layout.label(d)} = {d}" for d in layout.clean))
     items.append(
-        f"Guidance: reference dataset {layout.label(layout.reference)} ({layout.reference_reason}; the experiment's "
-        f"`reference_dataset` sets it); tolerance {_points(ctx.tolerance)} (`tolerance`, default "
-        f"{_points(DEFAULT_TOLERANCE)})"
+        f"Guidance: reference dataset {layout.label(layout.reference)} ({layout.reference_reason}); tolerance "
+        f"{_points(ctx.tolerance)} (the experiment's `tolerance`, default {_points(DEFAULT_TOLERANCE)})"
     )
     return items
 
