@@ -80,7 +80,10 @@ def test_library_errors_name_the_argument_and_the_cli_maps_them_to_flags(model_c
         whisper_ptq.quantize(object())
 
 
-@pytest.mark.parametrize("module", ["whisper_ptq", "whisper_ptq.cli", "whisper_ptq.report", "whisper_ptq.backends"])
+@pytest.mark.parametrize(
+    "module",
+    ["whisper_ptq", "whisper_ptq.cli", "whisper_ptq.report", "whisper_ptq.backends", "whisper_ptq.report.compare"],
+)
 def test_light_modules_import_no_model_library(module: str) -> None:
     code = f"import sys, {module}; heavy = {{'torch', 'transformers', 'matplotlib'}} & set(sys.modules); print(heavy)"
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

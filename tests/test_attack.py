@@ -433,7 +433,7 @@ MIXED = {
     [
         ({**HQQ_INT7, "library": "hqq4"}, "unknown library 'hqq4'; choose from reference, torch"),
         (HQQ_INT7, 'weights "int7" is not valid for hqq; valid: "int2", "int3", "int4", "int8"'),
-        ({**HQQ_INT7, "weights": "int4", "group_size": 100}, 'group_size 100 is not valid for hqq; valid: 32, 64, 128'),
+        ({**HQQ_INT7, "weights": "int4", "group_size": 100}, "group_size 100 is not valid for hqq; valid: 32, 64, 128"),
         ({**HQQ_INT7, "weights": "int4", "modules": ["("]}, "modules entry '(' is not a regular expression"),
         (MIXED, "recipe.json: plan entry 'enc': unknown library 'x'; choose from"),
     ],

@@ -18,9 +18,11 @@ from whisper_ptq.report import analysis
 from whisper_ptq.results.metrics import score_utterance
 from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.stats import bootstrap_rate_ci, paired_test
+from whisper_ptq.results.timing import LOAD_KEY, TIMING_KEY
 
 CLEAN, OTHER = "librispeech:test-clean", "librispeech:test-other"
 N_UTT, N_WORDS = 20, 20
+FP32_BYTES = 290e6
 VOCAB = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
@@ -81,7 +83,16 @@ def task(s: Synthetic, dataset: str) -> dict[str, Any]:
         utterance(dataset, i, base_errors(dataset, i, s.noise_factor) + s.extra.get(dataset, {}).get(i, 0), s.rtf)
         for i in range(N_UTT)
     ]  # fmt: skip
-    summary = {"size_reduction": s.size_reduction, "linear_bits_per_weight": s.bits, "device": "cpu", "threads": 2}
+    summary = {
+        "size_reduction": s.size_reduction,
+        "size_bytes": FP32_BYTES * (1 - s.size_reduction),
+        "fp32_size_bytes": FP32_BYTES,
+        "fp16_size_bytes": FP32_BYTES / 2,
+        "linear_bits_per_weight": s.bits,
+        "device": "cpu",
+        "threads": 2,
+        "batch_size": 8,
+    }
     return {
         "model": "base",
         "recipe": s.recipe,
@@ -180,22 +191,50 @@ def test_guidance_picks_expected_recipes(written: tuple[Path, dict[str, Any]]) -
     out, summary = written
     (g,) = summary["guidance"]
     assert g["reference_dataset"] == OTHER and g["tolerance"] == 1.0
+    states = {c["recipe"]: c["state"] for c in g["tolerance_checks"]}
+    # hqq-int4: +0.75, paired CI [0, +1.5] contains the tolerance; the static recipe's whole CI is at +10.
+    assert states == {"pytorch-int8": "within", "hqq-int4": "undecided", "quanto-int8": "within", **{
+        "quanto-int8-static": "exceeds"}}  # fmt: skip
     assert g["within_tolerance"] == ["pytorch-int8", "hqq-int4", "quanto-int8"]
     assert g["fastest"]["recipe"] == "pytorch-int8" and g["fastest"]["speedup"] == pytest.approx(0.12 / 0.08)
     assert g["smallest"]["recipe"] == "hqq-int4" and g["smallest"]["size_reduction"] == 0.69
     assert g["most_robust"]["recipe"] == "quanto-int8"
     assert [a["recipe"] for a in g["avoid"]] == ["quanto-int8-static"]
+    markdown = (out / "report.md").read_text()
+    assert "Fastest quantized recipe within tolerance: **pytorch-int8**, RTF 0.080 vs fp32 0.120 (1.50x)" in markdown
+    hqq = next(c for c in g["tolerance_checks"] if c["recipe"] == "hqq-int4")
+    assert hqq["utterances_needed"] > N_UTT
     assert (
-        "Fastest quantized recipe within tolerance: **pytorch-int8**, RTF 0.080 vs fp32 0.120 (1.50x)"
-        in (out / "report.md").read_text()
+        f"The sample (20 utterances) cannot tell whether hqq-int4 is within the tolerance: its 95% CI [+0.00, +1.50] "
+        f"contains +1; about {hqq['utterances_needed']:,} utterances would tell" in markdown
     )
+    assert "The paper reports" not in markdown  # no paper_comparison in this experiment
 
 
 def test_tolerance_comes_from_experiment(tmp_path: Path) -> None:
-    summary = report.write_report(tmp_path, make_results(), {"tolerance": 0.5})
+    summary = report.write_report(tmp_path, make_results(), {"tolerance": 12})
     (g,) = summary["guidance"]
-    assert g["within_tolerance"] == ["pytorch-int8", "quanto-int8"]
-    assert g["smallest"]["recipe"] in {"pytorch-int8", "quanto-int8"}
+    assert g["tolerance"] == 12
+    assert {c["recipe"]: c["state"] for c in g["tolerance_checks"]}["quanto-int8-static"] == "within"
+    assert g["within_tolerance"] == ["pytorch-int8", "hqq-int4", "quanto-int8", "quanto-int8-static"]
+    assert "tolerance 12 WER points" in (tmp_path / "report.md").read_text()
+
+
+def test_one_recipe_winning_several_categories_is_named_once(tmp_path: Path) -> None:
+    recipes = [RECIPES[0], Synthetic("lean", {}, 0.06, 0.75, 4.0), Synthetic("heavy", {}, 0.10, 0.5, 8.0)]
+    summary = report.write_report(tmp_path, make_results(recipes=recipes))
+    (g,) = summary["guidance"]
+    assert g["fastest"]["recipe"] == g["smallest"]["recipe"] == g["most_robust"]["recipe"] == "lean"
+    guidance_text = (tmp_path / "report.md").read_text().split("## Deployment guidance")[1].split("Rules:")[0]
+    assert guidance_text.count("**lean**") == 1
+    assert "Fastest and smallest quantized recipe within tolerance, and the most robust on other: **lean**" in (
+        guidance_text
+    )
+
+
+def test_paper_claim_only_in_paper_presets(tmp_path: Path) -> None:
+    report.write_report(tmp_path, make_results(), {"paper_comparison": True})
+    assert "The paper reports Quanto int8 beating fp32 on test-other." in (tmp_path / "report.md").read_text()
 
 
 def test_missing_fp32_is_reported_not_fatal(tmp_path: Path) -> None:
@@ -209,7 +248,7 @@ def test_html_is_self_contained(written: tuple[Path, dict[str, Any]]) -> None:
     out, _ = written
     page = (out / "report.html").read_text()
     assert 'src="http' not in page and "<link" not in page and "<script" not in page
-    assert page.count('src="data:image/png;base64,') == 2
+    assert page.count('src="data:image/png;base64,') == 3
 
 
 def test_results_json_has_no_utterances(written: tuple[Path, dict[str, Any]]) -> None:
@@ -235,10 +274,54 @@ def test_single_dataset_report_drops_figure_1_and_stale_files(tmp_path: Path) ->
     report.write_report(tmp_path, make_results())
     summary = report.write_report(tmp_path, make_results((OTHER,)))
     assert not (tmp_path / "fig_wer_increase.png").exists()  # the earlier report's Figure 1 is gone
-    assert summary["figures"] == ["fig_tradeoffs.png"]
+    assert summary["figures"] == ["fig_wer_datasets.png", "fig_tradeoffs.png"]
     (g,) = summary["guidance"]
-    assert g["most_robust"]["recipe"] == "quanto-int8" and g["most_robust"]["wer_vs_fp32"] == pytest.approx(-0.75)
-    assert "| Recipe | WER other | CER other | RTF |" in (tmp_path / "report.md").read_text()
+    assert g["most_robust"] is None  # robustness is the increase from test-clean to test-other: it needs both
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Recipe | WER other | CER other | RTF | RTFx |" in markdown and "Most robust" not in markdown
+
+
+def test_users_datasets_have_their_labels_everywhere(tmp_path: Path) -> None:
+    """A manifest of the user's own beside test-clean: every dataset in the table and figures under its
+    label, the reference dataset as chosen, and no Figure 1 (it compares test-other with test-clean)."""
+    mine = "manifest:/data/recordings/lj10.jsonl"
+    experiment = {"labels": {mine: "lj"}, "reference_dataset": "lj", "name": "mine"}
+    summary = report.write_report(tmp_path, make_results((mine, CLEAN), RECIPES[:4]), experiment)
+    assert summary["datasets"]["labels"] == {mine: "lj", CLEAN: "clean"}
+    assert summary["guidance"][0]["reference_dataset"] == mine
+    assert summary["figures"] == ["fig_wer_datasets.png", "fig_tradeoffs.png"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Recipe | WER lj | WER clean | CER lj | CER clean |" in markdown
+    assert "/data/recordings" not in markdown.split("## Results")[1]  # the path is only in the setup list
+    assert "reference dataset lj (set by the experiment's `reference_dataset`)" in markdown
+    assert "Tolerance: WER on lj at most fp32" in markdown
+    assert "Most robust" not in markdown and "The paper" not in markdown
+    default = report.write_report(tmp_path, make_results((mine, CLEAN), RECIPES[:2]))
+    assert default["datasets"]["labels"][mine] == "lj10"  # the file name without its folder
+    assert default["guidance"][0]["reference_dataset"] == mine  # no test-other: the first dataset listed
+
+
+def test_timing_passes_give_rtf_spread_batch_columns_and_a_busy_warning(tmp_path: Path) -> None:
+    results = make_results(recipes=RECIPES[:3])
+    for t in results:
+        audio = sum(u["audio_seconds"] for u in t["utterances"])
+        rtf = t["utterances"][0]["seconds"] / t["utterances"][0]["audio_seconds"]
+        passes = [(8, 1, 1.5, 0.5), (8, 2, 0.5, 0.5), (1, 1, 2.0, 0.5), (1, 2, 2.4, 3.5)]  # size, round, x, load
+        t["summary"][TIMING_KEY] = [
+            {"batch_size": b, "round": r, "seconds": rtf * x * audio, "audio_seconds": audio, LOAD_KEY: load,
+             "threads": 2, "cpus": 2} for b, r, x, load in passes
+        ]  # fmt: skip
+    summary = report.write_report(tmp_path, results)
+    speed = by_recipe(summary)["hqq-int4"]["speed_by_batch_size"]
+    assert speed["8"]["rtfs"] == pytest.approx([0.15, 0.15 * 1.5, 0.15 * 0.5])  # the accuracy pass first
+    assert speed["8"]["rtf"] == pytest.approx(0.15) and speed["8"]["rtfx"] == pytest.approx(1 / 0.15)
+    assert speed["1"]["rtf"] == pytest.approx(0.15 * 2.2) and speed["1"]["busy_passes"] == 1
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| RTF b8 | RTFx b8 | RTF b1 | RTFx b1 |" in markdown
+    assert "| 0.150 (0.075-0.225) | 6.7 | 0.330 (0.300-0.360) | 3.0 |" in markdown
+    (warning,) = summary["warnings"]
+    assert "load average reached 3.5 with 2 threads in use on 2 CPUs, in 3 of 15 timed passes" in warning
+    assert f"**Warning**: {warning}." in markdown
 
 
 def test_crash_while_writing_leaves_previous_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

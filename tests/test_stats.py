@@ -87,3 +87,16 @@ def test_seed_makes_intervals_reproducible() -> None:
     errors, totals = [0, 3, 1, 4, 2], [10, 12, 9, 15, 11]
     assert bootstrap_rate_ci(errors, totals, seed=7) == bootstrap_rate_ci(errors, totals, seed=7)
     assert paired_test(errors, totals, totals, seed=7) == paired_test(errors, totals, totals, seed=7)
+
+
+def test_standard_error_and_utterances_needed_for_a_paired_difference() -> None:
+    # Five of ten utterances gain one error in ten words: +5 points. Residuals around the ratio are +-0.5 words,
+    # so the delta-method SE is 100 * sqrt(10 * var) / 100 words = sqrt(10 * 0.25 * 10 / 9) = 5/3 points.
+    test = paired_test([0] * 10, [1] * 5 + [0] * 5, [10] * 10)
+    assert test.difference == pytest.approx(5.0) and test.se == pytest.approx(5 / 3)
+    # n = 10 * ((z_0.975 + z_0.8) * se / margin)^2 = 10 * (2.8016 * 1.6667 / 1)^2 = 218.02 -> 219.
+    assert test.utterances_needed(1.0) == 219
+    assert test.utterances_needed(-1.0) == 219  # the sign of the margin does not matter
+    assert test.utterances_needed(0.0) is None  # no difference to detect
+    assert paired_test([1, 2], [1, 2], [5, 5]).utterances_needed(1.0) is None  # no spread measured
+    assert math.isnan(paired_test([1], [2], [5]).se)  # one utterance: no spread to estimate

@@ -171,7 +171,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def eval_line(summary: dict[str, Any], out: Path) -> str:
     """The one-line summary of an eval: the headline metric first (CER for languages written without spaces)."""
-    rates = [f"WER {summary['wer']:.2f}%", f"CER {summary['cer']:.2f}%"]
+    (wer_low, wer_high), (cer_low, cer_high) = summary["wer_ci95"], summary["cer_ci95"]
+    rates = [
+        f"WER {summary['wer']:.2f}% (95% CI {wer_low:.2f}-{wer_high:.2f})",
+        f"CER {summary['cer']:.2f}% ({cer_low:.2f}-{cer_high:.2f})",
+    ]
     if summary["headline"] == "cer":
         rates.reverse()
     long = f", {summary['long_utterances']} over 30 s" if summary["long_utterances"] else ""
@@ -182,6 +186,14 @@ def eval_line(summary: dict[str, Any], out: Path) -> str:
         f"RTF {summary['rtf']:.3f} size {summary['size_bytes'] / 1e6:.1f} MB "
         f"({100 * summary['size_reduction']:.0f}% smaller) -> {out}"
     )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from whisper_ptq.report.compare import compare_runs, format_comparison, open_run
+
+    a, b = open_run(args.run_a), open_run(args.run_b)
+    print(format_comparison(a, b, compare_runs(a, b, args.dataset)))
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -274,8 +286,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sweep = run_sweep(experiment, options)
     if sweep.jobs == 0:
         print(f"nothing left to run: {out} already holds every result of {experiment.name!r}")
-    print_summary(sweep.results)
-    write_report(out, sweep.results, experiment.config())
+    config = experiment.config()
+    print_summary(sweep.results, config["labels"])
+    summary = write_report(out, sweep.results, config)
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out / 'report.md'}")
     return 1 if any(r["status"] == "failed" for r in sweep.results) else 0
 
@@ -493,6 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
+        "compare",
+        help="two runs on the same utterances: paired test, CIs and the utterances that differ",
+        description="Compare run B with run A on the utterances both transcribed: WER and CER with 95% CIs, the "
+        "paired permutation test of B against A with the paired CI of the difference, and every utterance whose "
+        "normalized hypotheses differ (normalized reference and both hypotheses). A run is an eval output folder, "
+        "or DIR:RECIPE (DIR:MODEL/RECIPE when DIR holds several models) for a recipe of a bench folder.",
+        epilog=_examples(
+            "whisper-ptq compare runs/eval/tiny.en-fp32-clean runs/eval/tiny.en-ct2-int8-clean",
+            "whisper-ptq compare runs/paper:fp32 runs/paper:quanto-int8 --dataset other",
+        ),
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="eval output folder, or BENCH_DIR:RECIPE")
+    p.add_argument("run_b", metavar="RUN_B", help="eval output folder, or BENCH_DIR:RECIPE")
+    p.add_argument("--dataset", help="only this dataset (spec or label, e.g. other) of a bench folder")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
         "report",
         help="write the report of a bench output directory from its database alone",
         epilog=_examples("whisper-ptq report runs/paper"),
@@ -505,15 +537,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars and one-line summaries are the output; transformers' load bars and deprecation
-    chatter would bury them. Set through the environment, read when transformers is first imported (never by
-    commands that need no model) and inherited by sweep workers."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def error_message(exc: UserError) -> str:
     """The library's message with its parameter named as this command line's flag (`batch_size` -> `--batch-size`)."""
     message = str(exc)
@@ -523,7 +546,10 @@ def error_message(exc: UserError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    from whisper_ptq.settings import QUIET_LIBRARIES
+
+    for key, value in QUIET_LIBRARIES.items():  # before anything imports transformers (see QUIET_LIBRARIES)
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -7,7 +7,8 @@ Where each reported number comes from:
   every engine transcribes recordings of any length, `engines.decoding`).
 - decoding: `settings.decoding` (language, task, beam size, fallback, conditioning), recorded in `info`.
 - size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
-  unquantized model; size_reduction = 1 - size / fp32 size.
+  unquantized model; size_reduction = 1 - size / fp32 size; fp16_size_bytes the unquantized model saved in fp16
+  (what OpenAI ships), the size users download.
 - peak_rss_bytes: the process's peak resident memory (getrusage), model load and quantization included.
 """
 
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_ptq.backends import BuildContext, Built, backend_for, library_packages
-from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers
+from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers, unquantized_parts
 from whisper_ptq.data import SAMPLE_RATE, Dataset, load_audio
 from whisper_ptq.engines import set_threads
 from whisper_ptq.engines.decoding import Transcript, transcribe
@@ -37,6 +38,7 @@ from whisper_ptq.preflight import check_runnable, preflight
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment, peak_rss_bytes
 from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.stats import bootstrap_rate_ci
 from whisper_ptq.settings import Settings
 
 
@@ -59,6 +61,20 @@ def check_language(bundle: WhisperBundle, settings: Settings) -> None:
     token = f"<|{decoding.language}|>"
     if not bundle.english_only and decoding.language != "auto" and token not in bundle.processor.tokenizer.get_vocab():
         raise UserError(f"model {bundle.source.spec} has no language {decoding.language!r}", param="language")
+
+
+def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with floating-point tensors in fp16, tied tensors still one tensor (saved once)."""
+    halves: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            shared = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if shared not in halves:
+                halves[shared] = tensor.half()
+            tensor = halves[shared]
+        state[key] = tensor
+    return state
 
 
 class Quantized:
@@ -114,6 +130,7 @@ class Quantized:
     ) -> Quantized:
         threads = set_threads(settings.threads)
         fp32_bytes = serialized_bytes(lambda d: torch.save(bundle.model.state_dict(), d / "model.pt"))
+        fp16_bytes = serialized_bytes(lambda d: torch.save(fp16_state_dict(bundle.model), d / "model.pt"))
         layers = linear_layers(bundle.model)
         backend = backend_for(recipe)
         with tempfile.TemporaryDirectory(prefix="whisper-ptq-work-") as work:
@@ -134,12 +151,15 @@ class Quantized:
             "quantize_seconds": quantize_seconds,
             "size_bytes": size,
             "fp32_size_bytes": fp32_bytes,
+            "fp16_size_bytes": fp16_bytes,
             "size_reduction": 1.0 - size / fp32_bytes,
             **extra,
             **built.info,
         }
-        if "linear_bits_per_weight" not in info and isinstance(built.model, torch.nn.Module):
-            info["linear_bits_per_weight"] = linear_bits_per_weight(built.model, layers)
+        if isinstance(built.model, torch.nn.Module):
+            if "linear_bits_per_weight" not in info:
+                info["linear_bits_per_weight"] = linear_bits_per_weight(built.model, layers)
+            info["unquantized"] = unquantized_parts(built.model, layers)
         return cls(bundle, recipe, built, settings, info)
 
     @property
@@ -257,10 +277,14 @@ class EvalResult:
         return int(self.info["size_bytes"])
 
     def summary(self) -> dict[str, Any]:
+        wer_ci = bootstrap_rate_ci([r.word_errors for r in self.rows], [r.ref_words for r in self.rows])
+        cer_ci = bootstrap_rate_ci([r.char_errors for r in self.rows], [r.ref_chars for r in self.rows])
         return {
             **self.info,
             "dataset": self.dataset,
             **self.figures,
+            "wer_ci95": [wer_ci.low, wer_ci.high],  # bootstrap over utterances (`results.stats`)
+            "cer_ci95": [cer_ci.low, cer_ci.high],
             "peak_rss_bytes": peak_rss_bytes(),
             **run_environment(),
             "argv": sys.argv,

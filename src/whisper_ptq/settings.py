@@ -3,6 +3,7 @@ evaluation, the sweep's jobs and its driver (which must not import the model sta
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ class DecodingOptions:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# Our own progress bars and one-line summaries are the output; transformers' load bars and deprecation chatter
+# would bury them, and in a sweep worker's log they would hide the lines that explain a failure. Read when
+# transformers is first imported, so they are set before (the command line, each worker's environment).
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_environment() -> dict[str, str]:
+    """This process's environment with `QUIET_LIBRARIES` where the user set nothing else: for worker processes."""
+    return {**QUIET_LIBRARIES, **os.environ}
 
 
 @dataclass(frozen=True)

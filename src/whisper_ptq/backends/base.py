@@ -272,6 +272,59 @@ def target_linears(model: torch.nn.Module, recipe: Recipe, lm_head: bool = False
     return [name for name in names if recipe.selects(name)]
 
 
+def unquantized_parts(model: torch.nn.Module, linears: Iterable[str]) -> list[str]:
+    """What a quantized model still holds as plain floating-point weights, by part, with the dtype: e.g.
+    `token embedding + LM head (tied) float32`, `2 of 64 linear layers float32: model.encoder.layers.0.fc1, ...`.
+    `linears` are the unquantized model's nn.Linear names (`linear_layers`), so a layer a backend replaced
+    counts as quantized. A module counts as plain when it is exactly torch's own class holding a plain tensor:
+    quantized layers are other classes (Quanto, HQQ, bitsandbytes, PyTorch's quantized) or hold tensor
+    subclasses (torchao)."""
+    import torch
+
+    plain_classes = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.LayerNorm)
+
+    def plain_dtype(module: torch.nn.Module) -> str | None:
+        weight = getattr(module, "weight", None)
+        if type(module) not in plain_classes or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        return str(weight.dtype).removeprefix("torch.") if weight.dtype.is_floating_point else None
+
+    modules = dict(model.named_modules())
+    groups: dict[str, list[str]] = {}  # "<part> <dtype>" -> module names
+    linears = list(linears)
+    for name, module in modules.items():
+        dtype = plain_dtype(module)
+        if dtype is None:
+            continue
+        if name.endswith("embed_tokens"):
+            tied = HEAD in modules and getattr(modules[HEAD], "weight", None) is module.weight
+            part = "token embedding + LM head (tied)" if tied else "token embedding"
+        elif name == HEAD:
+            if getattr(model.get_input_embeddings(), "weight", None) is module.weight:
+                continue  # the embedding, counted above
+            part = "LM head"
+        elif name.endswith("embed_positions"):
+            part = "positional embeddings"
+        elif isinstance(module, torch.nn.Conv1d):
+            part = "conv stem"
+        elif isinstance(module, torch.nn.LayerNorm):
+            part = "layer norms"
+        elif name in linears:
+            part = "linear"
+        else:
+            part = "other"
+        groups.setdefault(f"{part} {dtype}", []).append(name)
+    described = []
+    for key, names in groups.items():
+        part, dtype = key.rsplit(" ", 1)
+        if part == "linear":
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            described.append(f"{len(names)} of {len(linears)} linear layers {dtype}: {shown}")
+        else:
+            described.append(f"{part} {dtype}")
+    return described
+
+
 def linear_bits_per_weight(model: torch.nn.Module, layers: dict[str, int]) -> float:
     """Serialized bits per weight of the given (formerly nn.Linear) layers: each layer's state dict without
     its bias, saved with torch.save, so packed data, scales and zero points all count. Measuring the saved

@@ -186,7 +186,6 @@ class PyTorchBackend(Backend):
     def _info(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
         import torch
 
-
         scheme = "dynamic, per call" if recipe.scheme == "dynamic" else "static, histogram-calibrated"
         return {
             "quantized_engine": torch.backends.quantized.engine,

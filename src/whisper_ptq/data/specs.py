@@ -59,15 +59,20 @@ class DatasetSpec:
     def label(self) -> str:
         """A short name for tables and figures: `clean` and `other` for the two LibriSpeech test sets (the
         paper's names), a manifest's file name without its folder, and the noise level when there is one."""
-        short = {"test-clean": "clean", "test-other": "other"}
-        if self.kind == "librispeech":
-            name = short.get(self.arg, self.arg)
-        elif self.kind == "manifest":
-            name = PurePath(self.arg).stem
-        else:
-            name = self.base
-        others = [f"{n}:{_params_text(p)}" for n, p in self.modifiers if n != NOISE]
-        name = " ".join([name, *others])
+        return self.labelled(None)
+
+    def labelled(self, name: str | None) -> str:
+        """`label`, with `name` (what an experiment calls this dataset without its noise) for the default name."""
+        if name is None:
+            short = {"test-clean": "clean", "test-other": "other"}
+            if self.kind == "librispeech":
+                name = short.get(self.arg, self.arg)
+            elif self.kind == "manifest":
+                name = PurePath(self.arg).stem
+            else:
+                name = self.base
+            others = [f"{n}:{_params_text(p)}" for n, p in self.modifiers if n != NOISE]
+            name = " ".join([name, *others])
         if self.noise is None:
             return name
         kind = self.noise.get("kind", "white")

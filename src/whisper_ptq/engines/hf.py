@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,14 @@ import torch
 from whisper_ptq.data.audio import SAMPLE_RATE
 from whisper_ptq.engines.decoding import Decoded, Prompt, Search, timestamp_config, transcribe, vocabulary
 from whisper_ptq.settings import DecodingOptions
+
+# Whisper's own generate() hands `generation_config` and suppress_tokens to GenerationMixin.generate together
+# (transformers' workaround for its PR #48108), which then warns that doing so is deprecated: nothing a caller
+# can change, so that one message is dropped wherever a model transcribes (an API user's process included).
+_OWN_DEPRECATION = "Passing `generation_config` together with generation-related arguments"
+logging.getLogger("transformers.generation.utils").addFilter(
+    lambda record: not str(record.msg).startswith(_OWN_DEPRECATION)
+)
 
 
 @dataclass

@@ -19,10 +19,12 @@ from whisper_ptq.settings import DecodingOptions, Settings
 
 @dataclass(frozen=True)
 class Part:
-    """Utterances of one dataset (canonical spec) that a job must transcribe."""
+    """Utterances of one dataset (canonical spec) that a job must transcribe. A timing part (`batch_sizes`
+    set) transcribes all of a task's stored utterances again, one timed pass per batch size, and stores no rows."""
 
     dataset: str
     todo: tuple[str, ...]
+    batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,19 +36,23 @@ class Job:
     recipe: Recipe
     parts: tuple[Part, ...]
     settings: Settings
+    timing_round: int = 0  # 0: an accuracy job; n: the sweep's n-th round of timing passes
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.recipe.name}"
+        timing = f" timing {self.timing_round}" if self.timing_round else ""
+        return f"{self.model} {self.recipe.name}{timing}"
 
     def shards(self, size: int) -> list[Job]:
         """The job cut into jobs of one part and at most `size` utterances each, keeping its index (events
-        still route to its tasks). Each shard's ids are fixed, so a shard run again recomputes exactly them."""
-        return [
-            replace(self, parts=(Part(part.dataset, part.todo[start : start + size]),))
-            for part in self.parts
-            for start in range(0, len(part.todo), size)
-        ]
+        still route to its tasks). Each shard's ids are fixed, so a shard run again recomputes exactly them.
+        A timing part stays whole: its pass is timed over all of its utterances."""
+        shards = []
+        for part in self.parts:
+            step = max(1, len(part.todo)) if part.batch_sizes else size
+            cuts = range(0, len(part.todo), step)
+            shards += [replace(self, parts=(replace(part, todo=part.todo[start : start + step]),)) for start in cuts]
+        return shards
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)
@@ -58,6 +64,7 @@ class Job:
             "recipe": self.recipe.to_dict(),
             "parts": [asdict(p) for p in self.parts],
             "settings": settings,
+            "timing_round": self.timing_round,
         }
 
     @classmethod
@@ -70,8 +77,9 @@ class Job:
             index=data["index"],
             model=data["model"],
             recipe=Recipe.from_dict(data["recipe"]),
-            parts=tuple(Part(p["dataset"], tuple(p["todo"])) for p in data["parts"]),
+            parts=tuple(Part(p["dataset"], tuple(p["todo"]), tuple(p.get("batch_sizes", ()))) for p in data["parts"]),
             settings=Settings(**settings),
+            timing_round=data.get("timing_round", 0),
         )
 
 
@@ -105,6 +113,17 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Timed:
+    """One timing pass of a part ended: `info` is `results.timing.TimedPass.to_dict()` without the comparison
+    with the stored rows, which the driver makes from `hypotheses` (utterance id -> text)."""
+
+    job: int
+    dataset: str
+    info: dict[str, Any]
+    hypotheses: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Failed:
     """The job (or, when `dataset` is set, only that part) failed; `error` is one line."""
 
@@ -113,8 +132,8 @@ class Failed:
     dataset: str | None = None
 
 
-Event = Opened | Rows | Finished | Failed
-EVENT_TYPES: dict[str, type[Event]] = {cls.__name__.lower(): cls for cls in (Opened, Rows, Finished, Failed)}
+Event = Opened | Rows | Finished | Timed | Failed
+EVENT_TYPES: dict[str, type[Event]] = {cls.__name__.lower(): cls for cls in (Opened, Rows, Finished, Timed, Failed)}
 
 
 def encode_event(event: Event) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from whisper_ptq.executors.jobs import Event, Failed, Job, decode_event
+from whisper_ptq.settings import quiet_environment
 
 STDERR_TAIL_LINES = 3
 
@@ -67,8 +68,9 @@ class LocalExecutor:
 
 
 def worker_environment() -> dict[str, str]:
-    """The driver's environment (plugins, data root, cache), without PYTHONPATH's empty entries."""
-    env = dict(os.environ)
+    """The driver's environment (plugins, data root, cache), without PYTHONPATH's empty entries, and with
+    `settings.QUIET_LIBRARIES` unless set (a sweep started from the Python API gets clean logs too)."""
+    env = quiet_environment()
     entries = [entry for entry in env.pop("PYTHONPATH", "").split(os.pathsep) if entry]
     if entries:
         env["PYTHONPATH"] = os.pathsep.join(entries)

@@ -24,6 +24,7 @@ from typing import Any
 from whisper_ptq.errors import UserError, one_line
 from whisper_ptq.executors.jobs import Event, Failed, Job
 from whisper_ptq.executors.worker import run_job
+from whisper_ptq.settings import QUIET_LIBRARIES
 
 try:
     import ray
@@ -106,11 +107,11 @@ def failure_message(exc: RayError, max_retries: int) -> str:
     return f"{one_line(cause)} (max_retries={max_retries})"
 
 
-def _runtime_env() -> dict[str, Any] | None:
+def _runtime_env() -> dict[str, Any]:
     """The driver's WHISPER_PTQ_* variables (data root, cache, plugins) for each task, as a local worker
-    inherits them; a node's own environment is that of its `ray start`."""
+    inherits them, and the libraries' quiet settings; a node's own environment is that of its `ray start`."""
     env = {key: value for key, value in os.environ.items() if key.startswith("WHISPER_PTQ_")}
-    return {"env_vars": env} if env else None
+    return {"env_vars": {**QUIET_LIBRARIES, **env}}
 
 
 @contextmanager

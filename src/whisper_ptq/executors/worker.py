@@ -14,27 +14,65 @@ import traceback
 from collections.abc import Callable
 from typing import TextIO
 
-from whisper_ptq.data import open_dataset
+from whisper_ptq.data import Dataset, open_dataset
 from whisper_ptq.errors import one_line
 from whisper_ptq.evaluation import Quantized, run_environment
-from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Rows, encode_event
+from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows, Timed, encode_event
 from whisper_ptq.results.environment import peak_rss_bytes
+from whisper_ptq.results.rows import UtteranceResult
+from whisper_ptq.results.timing import LOAD_KEY, TimedPass
+
+
+class _LoadWatch:
+    """The highest 1-minute load average sampled after each batch: whether other work shared the CPU."""
+
+    def __init__(self) -> None:
+        self.highest = 0.0
+
+    def sample(self) -> None:
+        self.highest = max(self.highest, os.getloadavg()[0])
 
 
 def run_job(job: Job, emit: Callable[[Event], None]) -> None:
-    """Quantize once, then transcribe each part's utterances, emitting every batch as it ends."""
+    """Quantize once, then transcribe each part's utterances, emitting every batch as it ends (or, for a
+    timing part, one `Timed` event per batch size)."""
     datasets = [open_dataset(part.dataset, job.settings.data_root) for part in job.parts]
     quantized = Quantized.build(job.model, job.recipe, job.settings, evaluated=datasets)
     emit(Opened(job.index, {**quantized.info, **run_environment()}))  # the machine it ran on, for the report
+    cpus = len(os.sched_getaffinity(0))
     for part, dataset in zip(job.parts, datasets, strict=True):
         done = {u.id for u in dataset.utterances} - set(part.todo)
-        quantized.evaluate(
-            dataset,
-            done=done,
-            on_rows=lambda rows, spec=part.dataset: emit(Rows(job.index, spec, tuple(rows))),
-            progress=False,  # the driver draws the bars from the events
-        )
-        emit(Finished(job.index, part.dataset, {"peak_rss_bytes": peak_rss_bytes()}))
+        if part.batch_sizes:
+            for size in part.batch_sizes:
+                emit(_timed_pass(job, part, quantized, dataset, done, size, cpus))
+            continue
+        load = _LoadWatch()
+
+        def on_rows(rows: list[UtteranceResult], spec: str = part.dataset, load: _LoadWatch = load) -> None:
+            load.sample()
+            emit(Rows(job.index, spec, tuple(rows)))
+
+        quantized.evaluate(dataset, done=done, on_rows=on_rows, progress=False)  # the driver draws the bars
+        info = {"peak_rss_bytes": peak_rss_bytes(), LOAD_KEY: load.highest, "cpus": cpus}
+        emit(Finished(job.index, part.dataset, info))
+
+
+def _timed_pass(
+    job: Job, part: Part, quantized: Quantized, dataset: Dataset, done: set[str], size: int, cpus: int
+) -> Timed:
+    """All of the part's utterances transcribed again at `size`, timed as the accuracy pass is (warm-up first)."""
+    load = _LoadWatch()
+    result = quantized.evaluate(dataset, batch_size=size, done=done, on_rows=lambda _: load.sample(), progress=False)
+    timed = TimedPass(
+        size,
+        job.timing_round,
+        sum(r.seconds for r in result.rows),
+        sum(r.audio_seconds for r in result.rows),
+        load.highest,
+        result.info.get("threads"),
+        cpus,
+    )
+    return Timed(job.index, part.dataset, timed.to_dict(), {r.id: r.hypothesis for r in result.rows})
 
 
 def _protocol_stream() -> TextIO:

@@ -49,6 +49,7 @@ _CT2_DTYPES: tuple[torch.dtype, ...] = (
 )
 CT2_BINARY_VERSION = 6
 
+
 @dataclass
 class Ct2Model:
     """The variables of a CTranslate2 model.bin, in their stored dtype; aliases already resolved."""
@@ -57,6 +58,7 @@ class Ct2Model:
     revision: int
     variables: dict[str, torch.Tensor]
     aliases: dict[str, str]  # alias name -> variable name
+
 
 class _Cursor:
     """Sequential little-endian reads from a buffer that fail with a UserError instead of reading past it."""
@@ -86,6 +88,7 @@ class _Cursor:
     def fail(self, why: str) -> NoReturn:
         raise UserError(f"corrupt or truncated CTranslate2 model {self.path}: {why}")
 
+
 def read_ct2_model(path: Path) -> Ct2Model:
     """Parse model.bin as written by ctranslate2.specs.model_spec.ModelSpec._serialize (binary version 6)."""
     with open(path, "rb") as file:
@@ -107,6 +110,7 @@ def read_ct2_model(path: Path) -> Ct2Model:
         variables[alias] = variables[target]
     return Ct2Model(spec_name, revision, variables, aliases)
 
+
 def _read_variable(cursor: _Cursor) -> tuple[str, torch.Tensor]:
     name = cursor.string()
     shape = tuple(cursor.unpack("I") for _ in range(cursor.unpack("B")))
@@ -123,7 +127,9 @@ def _read_variable(cursor: _Cursor) -> tuple[str, torch.Tensor]:
     tensor = torch.frombuffer(data, dtype=dtype) if num_bytes else torch.empty(0, dtype=dtype)
     return name, tensor.reshape(shape)
 
+
 # --------------------------------------------------------------------------------------------- CT2 -> HF
+
 
 @dataclass(frozen=True)
 class WhisperDims:
@@ -140,6 +146,7 @@ class WhisperDims:
     decoder_ffn_dim: int
     max_source_positions: int
     max_target_positions: int
+
 
 def whisper_dims(ct2: Ct2Model) -> WhisperDims:
     v = ct2.variables
@@ -169,7 +176,9 @@ def whisper_dims(ct2: Ct2Model) -> WhisperDims:
     except KeyError as exc:
         raise UserError(f"CTranslate2 model is not a Whisper model: it lacks variable {exc.args[0]}") from exc
 
+
 Take = Callable[[str], torch.Tensor]
+
 
 class _Taker:
     """Hands out CT2 variables as fp32 by name and remembers which were used, so none is silently dropped."""
@@ -197,6 +206,7 @@ class _Taker:
     def unused_tensors(self, aliases: dict[str, str]) -> list[str]:
         # Scalars (rank 0) are layer attributes like num_heads or activation, not weights.
         return [n for n, t in self.variables.items() if t.dim() > 0 and n not in self.used and n not in aliases]
+
 
 def ct2_state_dict(ct2: Ct2Model, dims: WhisperDims) -> dict[str, torch.Tensor]:
     """Map every CT2 tensor to its transformers name, splitting the fused attention projections."""
@@ -233,11 +243,14 @@ def ct2_state_dict(ct2: Ct2Model, dims: WhisperDims) -> dict[str, torch.Tensor]:
         raise UserError(f"CTranslate2 Whisper model has unexpected variables: {', '.join(leftover[:5])}")
     return state
 
+
 def _layer_norm(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": take(f"{src}/gamma"), f"{dst}.bias": take(f"{src}/beta")}
 
+
 def _linear(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": take(f"{src}/weight"), f"{dst}.bias": take(f"{src}/bias")}
+
 
 def _ffn(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
     return {
@@ -245,6 +258,7 @@ def _ffn(take: Take, src: str, dst: str) -> dict[str, torch.Tensor]:
         **_linear(take, f"{src}/ffn/linear_0", f"{dst}.fc1"),
         **_linear(take, f"{src}/ffn/linear_1", f"{dst}.fc2"),
     }
+
 
 def _split_fused(take: Take, src: str, dst: str, names: tuple[str, ...], d_model: int) -> dict[str, torch.Tensor]:
     """Split a fused projection (q/k/v or k/v) into one transformers Linear per name."""
@@ -262,11 +276,13 @@ def _split_fused(take: Take, src: str, dst: str, names: tuple[str, ...], d_model
             state[f"{dst}.{name}.bias"] = b.clone()
     return state
 
+
 def _self_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, torch.Tensor]:
     return {
         **_split_fused(take, f"{src}/linear_0", dst, ("q_proj", "k_proj", "v_proj"), d_model),
         **_linear(take, f"{src}/linear_1", f"{dst}.out_proj"),
     }
+
 
 def _cross_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, torch.Tensor]:
     return {
@@ -274,6 +290,7 @@ def _cross_attention(take: Take, src: str, dst: str, d_model: int) -> dict[str, 
         **_split_fused(take, f"{src}/linear_1", dst, ("k_proj", "v_proj"), d_model),
         **_linear(take, f"{src}/linear_2", f"{dst}.out_proj"),
     }
+
 
 def _whisper_config(dims: WhisperDims, tokens: dict[str, int]) -> WhisperConfig:
     return WhisperConfig(
@@ -300,6 +317,7 @@ def _whisper_config(dims: WhisperDims, tokens: dict[str, int]) -> WhisperConfig:
         tie_word_embeddings=True,
     )
 
+
 def _generation_config(dims: WhisperDims, tokens: dict[str, int], ct2_config: dict) -> GenerationConfig:
     multilingual = dims.vocab_size > ENGLISH_ONLY_VOCAB_SIZE
     endoftext = tokens["<|endoftext|>"]
@@ -324,6 +342,7 @@ def _generation_config(dims: WhisperDims, tokens: dict[str, int], ct2_config: di
         config.task_to_id = {"transcribe": tokens["<|transcribe|>"], "translate": tokens["<|translate|>"]}
     return config
 
+
 _REQUIRED_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|startoftranscript|>",
@@ -332,6 +351,7 @@ _REQUIRED_SPECIAL_TOKENS = (
     "<|startofprev|>",
     "<|notimestamps|>",
 )
+
 
 def _tokenizer(tokenizer_json: Path) -> tuple[WhisperTokenizerFast, dict[str, int]]:
     """The tokenizer and its special-token ids (by name), read from tokenizer.json."""
@@ -345,9 +365,11 @@ def _tokenizer(tokenizer_json: Path) -> tuple[WhisperTokenizerFast, dict[str, in
         raise UserError(f"tokenizer {tokenizer_json} lacks Whisper special tokens {', '.join(missing)}")
     return tokenizer, tokens
 
+
 def ct2_cache_key(ct2_dir: Path) -> str:
     """Hash of the source files' contents and the converter version: a changed source gets a new key."""
     return files_digest((ct2_dir / name for name in CT2_FILES), f"whisper-ptq-ct2-converter-{CONVERTER_VERSION}")
+
 
 def converted_dir(ct2_dir: Path, cache_dir: Path) -> Path:
     """The transformers copy of a CTranslate2 model dir, converting it into the cache on first use."""
@@ -359,6 +381,7 @@ def converted_dir(ct2_dir: Path, cache_dir: Path) -> Path:
         with atomic_dir(target) as tmp:
             convert_ct2(ct2_dir, tmp)
     return target
+
 
 def convert_ct2(ct2_dir: Path, out_dir: Path) -> None:
     """Write the CTranslate2 Whisper model in `ct2_dir` as a transformers model + processor into `out_dir`."""

@@ -24,6 +24,7 @@ OFFLINE_ALTERNATIVES = (
     "use a packaged model (base, tiny.en), a local transformers directory or a local CTranslate2 directory"
 )
 
+
 @dataclass
 class WhisperBundle:
     """A loaded fp32 eval-mode Whisper model with its processor."""
@@ -37,6 +38,7 @@ class WhisperBundle:
     def english_only(self) -> bool:
         return self.model.config.vocab_size <= ENGLISH_ONLY_VOCAB_SIZE
 
+
 def load_model(spec: str, cache_dir: Path | str | None = None) -> WhisperBundle:
     """Load `spec` as an fp32 eval-mode transformers Whisper model plus processor."""
     source = resolve_model(spec, cache_dir)
@@ -47,6 +49,7 @@ def load_model(spec: str, cache_dir: Path | str | None = None) -> WhisperBundle:
     if source.kind in ("packaged", "ct2"):
         hf_dir = converted_dir(source.path, default_cache_dir(cache_dir))
     return _bundle_from_dir(source, hf_dir)
+
 
 def _bundle_from_dir(source: ModelSource, hf_dir: Path) -> WhisperBundle:
     try:
@@ -69,6 +72,7 @@ def _refused_pickle(where: str, exc: pickle.UnpicklingError) -> UserError:
         f"({why.rstrip('.')}); use safetensors weights from a source you trust"
     )
 
+
 def _load_hub(source: ModelSource) -> WhisperBundle:
     # A model already in the HF cache must work offline, so try that before touching the network.
     try:
@@ -86,12 +90,14 @@ def _load_hub(source: ModelSource) -> WhisperBundle:
     except OSError as exc:
         raise UserError(f"cannot download hub model {source.spec!r}: {first_line(exc)}") from exc
 
+
 def _hub_bundle(source: ModelSource, local_files_only: bool) -> WhisperBundle:
     model = WhisperForConditionalGeneration.from_pretrained(
         source.spec, dtype=torch.float32, local_files_only=local_files_only
     )
     processor = WhisperProcessor.from_pretrained(source.spec, local_files_only=local_files_only)
     return WhisperBundle(model.eval(), processor, source, None)
+
 
 def _hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached, or None; quick, so an offline machine fails at once, not hangs."""

@@ -66,10 +66,12 @@ def _inline_html(text: str) -> str:
 
 
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+th, td:not(:last-child) { white-space: nowrap; } /* numbers and their intervals stay on one line; verdicts wrap */
+.wide { overflow-x: auto; }
 img { max-width: 100%; } figure { margin: 1.5em 0; } figcaption, ol { font-size: 0.85em; color: #555; }
 """
 
@@ -88,7 +90,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
                 head = "".join(f"<th>{_inline_html(h)}</th>" for h in headers)
                 body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>" for r in rows)
                 foot = "<ol>" + "".join(f"<li>{_inline_html(n)}</li>" for n in notes) + "</ol>" if notes else ""
-                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}")
+                table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                out.append(f'<div class="wide">{table}</div>{foot}')
             case FigureBlock(plot):
                 data = base64.b64encode(plot.png).decode("ascii")
                 alt = html.escape(plot.caption)

@@ -1,6 +1,6 @@
 """The report's figures, each drawn on its own Agg canvas (no pyplot global state) and returned as PNG bytes:
-the paper's Figure 1, the WER/size and WER/RTF trade-offs with their Pareto fronts, WER vs SNR, and the
-sensitivity heat map."""
+WER on every dataset, the paper's Figure 1, the WER/size and WER/RTF trade-offs with their Pareto fronts, WER
+vs SNR, and the sensitivity heat map."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-from whisper_ptq.report.analysis import Layout, System, pareto_mask, parse_dataset
+from whisper_ptq.report.analysis import Layout, System, pareto_mask
 from whisper_ptq.report.document import Plot
 
 BASELINE_COLOR = "#555555"
@@ -81,15 +81,43 @@ def _box_around(center: np.ndarray, radius: float) -> Bbox:
     return Bbox.from_extents(*(center - radius), *(center + radius))
 
 
-def figure_increase(systems: Sequence[System], layout: Layout, colors: dict[str, Any]) -> Plot | None:
-    """The paper's Figure 1: WER on the hard set minus WER on the easy set, per recipe."""
-    if not layout.easy:
+def figure_datasets(systems: Sequence[System], layout: Layout, colors: dict[str, Any]) -> Plot | None:
+    """WER with its 95% CI on every dataset of the table, one bar per recipe in each dataset's group."""
+    done = [s for s in systems if any(s.measures.get(d) and s.measures[d].wer_ci for d in layout.clean)]
+    if not done:
         return None
-    bars = [(s, s.wer(layout.hard) - s.wer(layout.easy)) for s in systems]
+    fig, ax = _new_figure(max(6.0, 1.6 + len(layout.clean) * (0.5 * len(done) + 0.6)), 4.2)
+    width = 0.8 / len(done)
+    for i, s in enumerate(done):
+        cis = [s.measures[d].wer_ci if d in s.measures else None for d in layout.clean]
+        xs = [j - 0.4 + width * (i + 0.5) for j, ci in enumerate(cis) if ci]
+        wers = [ci.estimate for ci in cis if ci]
+        yerr = [[ci.estimate - ci.low for ci in cis if ci], [ci.high - ci.estimate for ci in cis if ci]]
+        hatch = "//" if s.baseline else None
+        ax.bar(xs, wers, width, yerr=yerr, capsize=2, color=colors[s.label], edgecolor="black", linewidth=0.5,
+               hatch=hatch, label=s.label, error_kw={"linewidth": 0.8})  # fmt: skip
+    ax.set_xticks(range(len(layout.clean)), [layout.label(d) for d in layout.clean])
+    ax.set_ylabel("WER (%), 95% CI")
+    ax.set_title("WER on each dataset")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    caption = (
+        "WER on each dataset of the table, one bar per recipe (fp32 hatched), with its 95% bootstrap CI over "
+        "utterances."
+    )
+    return Plot("fig_wer_datasets.png", caption, _png(fig))
+
+
+def figure_increase(systems: Sequence[System], layout: Layout, colors: dict[str, Any]) -> Plot | None:
+    """The paper's Figure 1: WER on test-other minus WER on test-clean, per recipe (both must be there)."""
+    if not layout.pair:
+        return None
+    easy_spec, hard_spec = layout.pair
+    bars = [(s, s.wer(hard_spec) - s.wer(easy_spec)) for s in systems]
     bars = [(s, v) for s, v in bars if not math.isnan(v)]
     if not bars:
         return None
-    easy, hard = parse_dataset(layout.easy).label, parse_dataset(layout.hard).label
+    easy, hard = layout.label(easy_spec), layout.label(hard_spec)
     fig, ax = _new_figure(max(6.0, 0.9 * len(bars) + 2), 4.2)
     x = np.arange(len(bars))
     ax.bar(x, [v for _, v in bars], color=[colors[s.label] for s, _ in bars], edgecolor="black", linewidth=0.5)
@@ -114,28 +142,34 @@ def figure_increase(systems: Sequence[System], layout: Layout, colors: dict[str,
 
 
 def figure_tradeoffs(systems: Sequence[System], layout: Layout, colors: dict[str, Any]) -> Plot | None:
-    """WER vs size reduction and WER vs RTF, each with its 2-D Pareto front."""
-    done = [s for s in systems if not math.isnan(s.wer(layout.hard)) and s.measures[layout.hard].wer_ci]
+    """WER vs size and WER vs RTF on the reference dataset, each with its 2-D Pareto front."""
+    ref = layout.reference
+    done = [s for s in systems if not math.isnan(s.wer(ref)) and s.measures[ref].wer_ci]
     if not done:
         return None
-    hard = parse_dataset(layout.hard).label
+    label = layout.label(ref)
     fig, axes = _new_figure(12, 4.8, ncols=2)
+    speeds = [s.speed(layout.clean) for s in done]
+    rtfs = [sp.median if sp else math.nan for sp in speeds]
+    rtf_err = np.array([[sp.median - sp.low, sp.high - sp.median] if sp else [0.0, 0.0] for sp in speeds]).T
     axes_spec = [
-        (axes[0], [100 * s.size_reduction for s in done], -1, "size reduction vs fp32 (%) - higher is better"),
-        (axes[1], [s.rtf(layout.clean) for s in done], 1, "real-time factor (RTF) - lower is better"),
+        (axes[0], [s.size_bytes / 1e6 for s in done], None, "saved size (MB) - lower is better"),
+        (axes[1], rtfs, rtf_err, "real-time factor (RTF; median, min-max over passes) - lower is better"),
     ]
-    wers = np.array([s.wer(layout.hard) for s in done])
-    cis = [s.measures[layout.hard].wer_ci for s in done]
+    wers = np.array([s.wer(ref) for s in done])
+    cis = [s.measures[ref].wer_ci for s in done]
     yerr = np.array(
         [[w - ci.low for w, ci in zip(wers, cis, strict=True)], [ci.high - w for w, ci in zip(wers, cis, strict=True)]]
     )
-    for ax, xs, sign, xlabel in axes_spec:
+    for ax, xs, xerr, xlabel in axes_spec:
         xs = np.array(xs, float)
         for i, s in enumerate(done):
-            ax.errorbar(xs[i], wers[i], yerr=yerr[:, i : i + 1], fmt="o", color=colors[s.label], capsize=3, ms=6)
+            x_error = None if xerr is None else xerr[:, i : i + 1]
+            ax.errorbar(xs[i], wers[i], yerr=yerr[:, i : i + 1], xerr=x_error, fmt="o", color=colors[s.label],
+                        capsize=3, ms=6)  # fmt: skip
         valid = ~np.isnan(xs)
         front = np.zeros(len(done), bool)
-        front[valid] = pareto_mask(np.column_stack([wers[valid], sign * xs[valid]]))
+        front[valid] = pareto_mask(np.column_stack([wers[valid], xs[valid]]))
         order = np.argsort(xs[front])
         ax.plot(
             xs[front][order],
@@ -144,12 +178,12 @@ def figure_tradeoffs(systems: Sequence[System], layout: Layout, colors: dict[str
             color="black",
             alpha=0.5,
             zorder=0,
-            drawstyle="steps-post" if sign > 0 else "steps-pre",
+            drawstyle="steps-post",
             label="Pareto front",
         )
         ax.scatter(xs[front], wers[front], s=160, facecolors="none", edgecolors="black", linewidths=1.2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"WER {hard} (%), 95% CI")
+        ax.set_ylabel(f"WER {label} (%), 95% CI")
         ax.grid(alpha=0.3)
         ax.margins(x=0.18, y=0.12)
         ax.legend(fontsize=8, loc="best")
@@ -159,8 +193,9 @@ def figure_tradeoffs(systems: Sequence[System], layout: Layout, colors: dict[str
     for ax, xs, _, _ in axes_spec:
         _label_points(ax, [(x, w, s.label) for x, w, s in zip(xs, wers, done, strict=True) if not math.isnan(x)])
     caption = (
-        f"Trade-offs on {hard}: WER (with 95% bootstrap CI) against size reduction and against RTF. Circled "
-        "points, joined by the line, are the Pareto front (no other recipe is better on both axes)."
+        f"Trade-offs on {label} (the reference dataset): WER (with 95% bootstrap CI) against saved size and "
+        "against RTF (median over timed passes, bars from min to max). Circled points, joined by the line, are "
+        "the Pareto front (no other recipe is lower on both axes)."
     )
     return Plot("fig_tradeoffs.png", caption, _png(fig))
 
@@ -180,9 +215,9 @@ def snr_spec(layout: Layout, base: str, noise: str, snr: float | None) -> str:
     return next((i.spec for i in layout.noisy if (i.base, i.noise, i.snr) == (base, noise, snr)), "")
 
 
-def panel_title(base: str, noise: str) -> str:
+def panel_title(layout: Layout, base: str, noise: str) -> str:
     kind = dict(item.split("=", 1) for item in noise.split(",") if "=" in item).get("kind", "white")
-    return f"{parse_dataset(base).label}, {kind} noise"
+    return f"{layout.label(base)}, {kind} noise"
 
 
 def figure_snr(systems: Sequence[System], layout: Layout, colors: dict[str, Any]) -> Plot | None:
@@ -201,7 +236,7 @@ def figure_snr(systems: Sequence[System], layout: Layout, colors: dict[str, Any]
             ax.plot(range(len(levels)), ys, style, marker="o", color=colors[s.label], label=s.label, zorder=zorder)
         ax.set_xticks(range(len(levels)), [f"{snr:g}" for snr in snrs] + ["clean"])
         ax.set_xlabel("SNR (dB)")
-        ax.set_title(panel_title(base, noise))
+        ax.set_title(panel_title(layout, base, noise))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("WER (%)")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))

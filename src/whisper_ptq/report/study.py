@@ -10,16 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from whisper_ptq.files import atomic_write_files
+from whisper_ptq.models.names import HEAD
 from whisper_ptq.report.analysis import (
     DEFAULT_TOLERANCE,
+    EXCEEDS,
+    UNDECIDED,
+    WITHIN,
     Comparison,
     Layout,
     Measure,
     System,
     all_comparisons,
     build_systems,
+    busy_timing,
     guidance,
-    parse_dataset,
 )
 from whisper_ptq.report.document import (
     Block,
@@ -33,6 +37,7 @@ from whisper_ptq.report.document import (
 )
 from whisper_ptq.report.figures import (
     colors_of,
+    figure_datasets,
     figure_increase,
     figure_snr,
     figure_tradeoffs,
@@ -44,38 +49,31 @@ from whisper_ptq.report.longform import failure_table, long_short_table
 from whisper_ptq.report.tables import Table, csv_text, format_p, format_p_value
 from whisper_ptq.results.outputs import strict_json
 
+CATEGORY_WORDS = {"fastest": "fastest", "smallest": "smallest", "most_robust": "most robust"}
+
 
 def guidance_sentences(g: dict[str, Any], layout: Layout) -> list[str]:
     if "note" in g:
         return [g["note"]]
-    ref, tol = parse_dataset(g["reference_dataset"]).label, g["tolerance"]
-    fp32 = g["fp32"]
-    lines = [
-        f"Tolerance: WER on {ref} at most fp32 + {tol:g} points ({fp32['wer']:.2f} + {tol:g} = "
-        f"{fp32['wer'] + tol:.2f}); within it: {', '.join(g['within_tolerance']) or 'no quantized recipe'}."
-    ]
-    if g["fastest"]:
-        f = g["fastest"]
-        lines.append(
-            f"Fastest quantized recipe within tolerance: **{f['recipe']}**, RTF {f['rtf']:.3f} vs fp32 "
-            f"{fp32['rtf']:.3f} ({f['speedup']:.2f}x), WER {ref} {f['wer']:.2f} ({f['wer_vs_fp32']:+.2f} vs fp32)."
-            + (" It is slower than fp32: none within tolerance speeds inference up here." if f["speedup"] < 1 else "")
-        )
-    if g["smallest"]:
-        s = g["smallest"]
-        lines.append(
-            f"Smallest within tolerance: **{s['recipe']}**, size reduction {s['size_reduction']:.0%}, "
-            f"WER {ref} {s['wer']:.2f} ({s['wer_vs_fp32']:+.2f} vs fp32)."
-        )
-    if g["most_robust"]:
-        r = g["most_robust"]
-        how = (
-            f"WER increase {ref} - {parse_dataset(layout.easy).label} {r['wer_increase']:+.2f} points "
-            f"(fp32 {fp32['wer_increase']:+.2f})"
-            if layout.easy
-            else f"WER {ref} {r['wer_vs_fp32']:+.2f} vs fp32"
-        )
-        lines.append(f"Most robust on {ref}: **{r['recipe']}**, {how}, WER {ref} {r['wer']:.2f}.")
+    ref, tol, fp32 = layout.label(g["reference_dataset"]), g["tolerance"], g["fp32"]
+    lines = [_tolerance_sentence(g, ref)]
+    winners: dict[str, list[str]] = {}  # recipe -> the categories it wins: one sentence per recipe
+    for category in CATEGORY_WORDS:
+        if g.get(category):
+            winners.setdefault(g[category]["recipe"], []).append(category)
+    for recipe, categories in winners.items():
+        numbers = g[categories[0]]
+        parts = [_CATEGORY_PARTS[c](g[c], fp32, layout) for c in categories]
+        check = numbers.get("tolerance_check") or {}
+        wer = f"WER {ref} {numbers['wer']:.2f} ({numbers['wer_vs_fp32']:+.2f} vs fp32"
+        wer += f", 95% CI [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}])" if check else ")"
+        undecided = check.get("state") == UNDECIDED and any(c != "most_robust" for c in categories)
+        line = f"{_title(categories, layout, undecided)}: **{recipe}**, {', '.join([*parts, wer])}."
+        if "fastest" in categories:
+            line += _speed_caveats(g["fastest"])
+        if undecided:
+            line += " " + _undecided(recipe, check, tol)
+        lines.append(line)
     for a in g["avoid"]:
         lines.append(f"Avoid **{a['recipe']}**: {'; '.join(a['reasons'])}.")
     if not g["avoid"]:
@@ -83,21 +81,143 @@ def guidance_sentences(g: dict[str, Any], layout: Layout) -> list[str]:
     return lines
 
 
-def format_wer(measure: Measure | None) -> str:
-    if measure is None or not measure.wer_ci:
+def _tolerance_sentence(g: dict[str, Any], ref: str) -> str:
+    tol, fp32 = g["tolerance"], g["fp32"]
+    checks = g["tolerance_checks"]
+
+    def listed(state: str, needed: bool = False) -> str:
+        items = []
+        for c in (c for c in checks if c["state"] == state):
+            extra = f"; {c['utterances_needed']:,} utterances would tell" if needed and c["utterances_needed"] else ""
+            items.append(
+                f"{c['recipe']} ({c['wer_difference']:+.2f}, CI [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]{extra})"
+            )
+        return ", ".join(items) or "none"
+
+    line = (
+        f"Tolerance: WER on {ref} at most fp32 + {_points(tol)} ({fp32['wer']:.2f} + {tol:g} = "
+        f"{fp32['wer'] + tol:.2f}), judged by the upper end of the paired 95% CI of the difference from fp32 "
+        f"(n = {max((c['n_utterances'] for c in checks), default=0)}). Within it: {listed(WITHIN)}."
+    )
+    if any(c["state"] == UNDECIDED for c in checks):
+        line += (
+            f" Undecided, the CI containing +{tol:g} (this sample cannot tell whether they are within; "
+            f"ranked with those within, as the data does not show them worse by more): {listed(UNDECIDED, True)}."
+        )
+    if any(c["state"] == EXCEEDS for c in checks):
+        line += f" Beyond it (the whole CI above +{tol:g}): {listed(EXCEEDS)}."
+    return line
+
+
+def _title(categories: list[str], layout: Layout, undecided: bool) -> str:
+    ranked = [CATEGORY_WORDS[c] for c in categories if c != "most_robust"]
+    robust = f"most robust on {layout.label(layout.pair[1])}" if "most_robust" in categories and layout.pair else ""
+    if not ranked:
+        return robust.capitalize()
+    words = ranked[0] if len(ranked) == 1 else f"{ranked[0]} and {ranked[1]}"
+    title = f"{words.capitalize()} quantized recipe within tolerance"
+    title += " as far as this sample can tell" if undecided else ""
+    return f"{title}, and the {robust}" if robust else title
+
+
+def _fastest_part(f: dict[str, Any], fp32: dict[str, Any], layout: Layout) -> str:
+    return f"RTF {_rtf_text(f)} vs fp32 {_rtf_text(fp32)} ({f['speedup']:.2f}x)"
+
+
+def _smallest_part(s: dict[str, Any], fp32: dict[str, Any], layout: Layout) -> str:
+    return (
+        f"{s['size_bytes'] / 1e6:.1f} MB ({_percent(-s['size_reduction'])} vs fp32, {_percent(s['size_vs_fp16'])} "
+        f"vs fp16)"
+    )
+
+
+def _robust_part(r: dict[str, Any], fp32: dict[str, Any], layout: Layout) -> str:
+    easy, hard = (layout.label(d) for d in layout.pair)
+    text = f"WER increase {hard} - {easy} {r['wer_increase']:+.2f} points (fp32 {fp32['wer_increase']:+.2f}"
+    versus = r.get("increase_vs_fp32")
+    if versus:
+        low, high = versus["ci_low"], versus["ci_high"]
+        noise = ": not distinguishable from fp32's on these samples" if low <= 0 <= high else ""
+        text += f"; the difference {versus['difference']:+.2f}, 95% CI [{low:+.2f}, {high:+.2f}]{noise}"
+    return text + ")"
+
+
+_CATEGORY_PARTS = {"fastest": _fastest_part, "smallest": _smallest_part, "most_robust": _robust_part}
+
+
+def _speed_caveats(f: dict[str, Any]) -> str:
+    text = " It is slower than fp32: none within tolerance speeds inference up here." if f["speedup"] < 1 else ""
+    runner = f.get("runner_up")
+    if runner and f["passes"] > 1 and runner["passes"] > 1 and f["rtf_high"] >= runner["rtf_low"]:
+        text += f" Its RTF range overlaps that of {runner['recipe']} ({_rtf_text(runner)}): not clearly faster than it."
+    return text
+
+
+def _undecided(recipe: str, check: dict[str, Any], tol: float) -> str:
+    needed = check["utterances_needed"]
+    how = f"; about {needed:,} utterances would tell (80% power at 5%, the spread observed here)" if needed else ""
+    return (
+        f"The sample ({check['n_utterances']} utterances) cannot tell whether {recipe} is within the tolerance: its "
+        f"95% CI [{check['ci_low']:+.2f}, {check['ci_high']:+.2f}] contains +{tol:g}{how}."
+    )
+
+
+def _rtf_text(numbers: dict[str, Any]) -> str:
+    rtf = f"{numbers['rtf']:.3f}"
+    return f"{rtf} ({numbers['rtf_low']:.3f}-{numbers['rtf_high']:.3f})" if numbers.get("passes", 0) > 1 else rtf
+
+
+def _points(value: float) -> str:
+    return f"{value:g} WER point{'' if value == 1 else 's'}"
+
+
+def _percent(fraction: float) -> str:
+    return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:+.0f}%"
+
+
+def format_rate(measure: Measure | None, value: str) -> str:
+    """`wer` or `cer` of a measure with its 95% bootstrap CI: `4.65 [1.2, 8.9]`."""
+    ci = getattr(measure, f"{value}_ci", None) if measure else None
+    if ci is None:
         return "-"
-    ci = measure.wer_ci
-    return f"{measure.wer:.2f} [{ci.low:.1f}, {ci.high:.1f}]"
+    return f"{getattr(measure, value):.2f} [{ci.low:.1f}, {ci.high:.1f}]"
+
+
+def format_rtfx(rtfx: float) -> str:
+    return "-" if math.isnan(rtfx) else f"{rtfx:.0f}" if rtfx >= 100 else f"{rtfx:.1f}"
 
 
 def _num(value: float, spec: str) -> str:
     return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
+def timed_batch_sizes(systems: Sequence[System], layout: Layout) -> list[int]:
+    """Every batch size some system was timed at, the one its rows were transcribed at first."""
+    first = [s.info["batch_size"] for s in systems if s.info.get("batch_size")]
+    timed = [b for s in systems for b in s.speeds(layout.clean)]
+    return list(dict.fromkeys([*first, *timed]))
+
+
+def speed_cells(system: System, layout: Layout, sizes: Sequence[int]) -> list[str]:
+    speeds = system.speeds(layout.clean)
+    cells = []
+    for size in sizes:
+        speed = speeds.get(size)
+        if speed is None:
+            cells += ["-", "-"]
+            continue
+        spread = f" ({speed.low:.3f}-{speed.high:.3f})" if speed.passes > 1 else ""
+        cells += [f"{speed.median:.3f}{spread}", format_rtfx(speed.rtfx)]
+    return cells
+
+
 def main_table(systems: Sequence[System], layout: Layout) -> Table:
-    labels = [parse_dataset(d).label for d in layout.clean]
+    labels = [layout.label(d) for d in layout.clean]
+    sizes = timed_batch_sizes(systems, layout)
+    suffix = (lambda b: f" b{b}") if len(sizes) > 1 else (lambda b: "")
     headers = ["Recipe", *(f"WER {x}" for x in labels), *(f"CER {x}" for x in labels)]
-    headers += ["RTF", "Size red.", "Bits/weight (linear)", "Status"]
+    headers += [h for b in sizes for h in (f"RTF{suffix(b)}", f"RTFx{suffix(b)}")]
+    headers += ["Size (MB)", "vs fp32", "vs fp16", "Bits/weight (linear)", "Status"]
     rows = []
     for s in systems:
         measures = [s.measures.get(d) for d in layout.clean]
@@ -105,38 +225,101 @@ def main_table(systems: Sequence[System], layout: Layout) -> Table:
         rows.append(
             [
                 s.label,
-                *(format_wer(m) for m in measures),
-                *(_num(m.cer if m else math.nan, ".2f") for m in measures),
-                _num(s.rtf(layout.clean), ".3f"),
-                _num(100 * s.size_reduction, ".0f") + ("%" if not math.isnan(s.size_reduction) else ""),
+                *(format_rate(m, "wer") for m in measures),
+                *(format_rate(m, "cer") for m in measures),
+                *speed_cells(s, layout, sizes),
+                _num(s.size_bytes / 1e6, ".1f"),
+                _percent(s.relative_size("fp32")),
+                _percent(s.relative_size("fp16")),
                 _num(bits if bits is not None else math.nan, ".3g"),
                 s.status,
             ]
         )
-    counts = {parse_dataset(d).label: _utterance_count(systems, d) for d in layout.clean}
+    counts = {layout.label(d): _utterance_count(systems, d) for d in layout.clean}
     notes = [
         "WER and CER in %, corpus-level (total errors / total reference words or characters), Whisper's normalizer "
-        "of the language (English, else its basic one); WER in brackets: 95% bootstrap CI, resampling utterances "
+        "of the language (English, else its basic one); in brackets: 95% bootstrap CI, resampling utterances "
         "(10,000 resamples).",
         f"Utterances per dataset: {', '.join(f'{k} {v}' for k, v in counts.items())}.",
-        f"RTF: compute seconds / decoded audio seconds pooled over {', '.join(labels)} (the mean of the per-dataset "
-        "RTFs weighted by audio duration); model loading and audio decoding excluded.",
-        "Size red.: 1 - saved size / fp32 saved size. Bits/weight: mean stored bits per weight of the linear layers.",
+        _rtf_note(systems, layout, sizes, labels),
+        "Size: bytes the library's own save path writes; vs fp32 / vs fp16: that size relative to the unquantized "
+        f"model saved by torch.save in fp32{_baseline_sizes(systems)} and in fp16 (the precision OpenAI ships). "
+        "Bits/weight: mean stored bits per weight of the linear layers.",
     ]
+    notes += [note for s in systems if not s.baseline for note in [_precision_note(s)] if note]
     notes += [f"{s.label} ({s.status}): {s.error}" for s in systems if s.error]
+    notes += [f"{s.label}: timing passes failed: {s.timing_error}" for s in systems if s.timing_error]
+    for s in systems:
+        differing = sum(speed.differing for speed in s.speeds(layout.clean).values())
+        if differing:
+            notes.append(f"{s.label}: {differing} hypotheses of its timing passes differ from the stored ones.")
     return Table(headers, rows, notes)
+
+
+def _rtf_note(systems: Sequence[System], layout: Layout, sizes: Sequence[int], labels: list[str]) -> str:
+    passes = sorted({speed.passes for s in systems for speed in s.speeds(layout.clean).values()})
+    how_many = "-".join(str(p) for p in (passes[:1] + passes[-1:] if len(passes) > 1 else passes)) or "no"
+    note = (
+        f"RTF: compute seconds / decoded audio seconds pooled over {', '.join(labels)}, after an untimed warm-up "
+        "batch; "
+        "model loading and audio decoding excluded. RTFx = 1 / RTF, audio seconds transcribed per second (the Open "
+        f"ASR Leaderboard's figure). Timed passes per recipe and batch size: {how_many}, the accuracy pass first, "
+        "then timing passes over the same audio, interleaving the recipes pass by pass (every recipe's pass r "
+        "before any pass r+1), each in a fresh worker; with several passes the RTF is their median, (min-max) "
+        "beside it."
+    )
+    if passes == [1]:
+        note += (
+            " One pass each (the experiment's repeats = 1): no spread measured; a single pass on a shared "
+            "machine can be off by tens of percent."
+        )
+    if len(sizes) > 1:
+        note += (
+            " "
+            + "; ".join(f"b{b}: {b} utterance{'s' if b > 1 else ''} per call" for b in sizes)
+            + (" (batch 1 is per-utterance latency, larger batches throughput).")
+        )
+    return note
+
+
+def _baseline_sizes(systems: Sequence[System]) -> str:
+    info = next((s.info for s in systems if s.info.get("fp32_size_bytes")), {})
+    if not info:
+        return ""
+    fp16 = f", fp16 {info['fp16_size_bytes'] / 1e6:.1f} MB" if info.get("fp16_size_bytes") else ""
+    return f" (fp32 {info['fp32_size_bytes'] / 1e6:.1f} MB{fp16})"
+
+
+def _precision_note(s: System) -> str | None:
+    """What of the model the recipe left in floating point (`unquantized`), or what the library says it kept."""
+    info = s.info
+    if info.get("unquantized") is not None:
+        parts = info["unquantized"]
+        return f"{s.label}: left unquantized: {'; '.join(parts)}." if parts else f"{s.label}: every weight quantized."
+    if info.get("stored_dtypes"):
+        stored = "; ".join(f"{k.replace('_', ' ')} {'/'.join(v)}" for k, v in info["stored_dtypes"].items() if v)
+        return f"{s.label}: weights as CTranslate2 stored them: {stored}."
+    pieces = []
+    kept = info.get("kept_full_precision") or info.get("kept")
+    if kept:
+        dtype = info.get("kept_and_stem_dtype")
+        pieces.append(f"kept unquantized{f' ({dtype}, with the conv stem)' if dtype else ''}: {', '.join(kept)}")
+    head = info.get("lm_head") or info.get(HEAD)
+    if head:
+        pieces.append(f"LM head: {head}")
+    return f"{s.label}: {'; '.join(pieces)}." if pieces else None
 
 
 def _utterance_count(systems: Sequence[System], dataset: str) -> int:
     return max((len(s.measures[dataset].rows) for s in systems if dataset in s.measures), default=0)
 
 
-def significance_table(comps: Sequence[Comparison]) -> Table:
+def significance_table(comps: Sequence[Comparison], layout: Layout) -> Table:
     headers = ["Recipe", "Dataset", "WER diff. vs fp32", "95% CI", "p", "n", "Verdict"]
     rows = [
         [
             c.system.label,
-            parse_dataset(c.dataset).label,
+            layout.label(c.dataset),
             f"{c.test.difference:+.2f}",
             f"[{c.test.low:+.2f}, {c.test.high:+.2f}]",
             format_p_value(c.test.p_value),
@@ -148,29 +331,30 @@ def significance_table(comps: Sequence[Comparison]) -> Table:
     notes = [
         "WER difference in points (recipe minus fp32), utterances joined by id. p: two-sided paired permutation "
         "test (sign flips of per-utterance error differences, exact when few utterances differ). CI: paired "
-        "bootstrap over utterances."
+        "bootstrap over utterances. Utterances that would tell: the standard sample-size formula for a paired "
+        "difference (80% power at 5%), from the spread of per-utterance differences observed here."
     ]
     return Table(headers, rows, notes)
 
 
-def claims_paragraph(comps: Sequence[Comparison]) -> str:
-    """Whether any measured improvement over fp32 is real: the paper's "Quanto int8 beats fp32" kind of claim."""
+def claims_paragraph(comps: Sequence[Comparison], layout: Layout, paper: bool) -> str:
+    """Whether any measured improvement over fp32 is real (the paper's "Quanto int8 beats fp32" kind of claim,
+    named only in the paper presets)."""
     lower = [c for c in comps if c.test.difference < 0]
-    intro = (
-        "The paper reports Quanto int8 beating fp32 on test-other. A claim that a recipe beats fp32 needs a WER "
-        "that is lower and significantly so in a paired test."
-    )
+    intro = "A claim that a recipe beats fp32 needs a WER that is lower and significantly so in a paired test."
+    if paper:
+        intro = f"The paper reports Quanto int8 beating fp32 on test-other. {intro}"
     if not lower:
         return f"{intro} No recipe measured a lower WER than fp32 on any dataset here."
     parts = [
-        f"{c.system.label} on {parse_dataset(c.dataset).label} ({c.test.difference:+.2f} points, "
+        f"{c.system.label} on {layout.label(c.dataset)} ({c.test.difference:+.2f} points, "
         f"{format_p(c.test.p_value)}: {'significant' if c.significant else 'not significant'})"
         for c in lower
     ]
     real = [c for c in lower if c.significant]
     verdict = (
         "The data supports an improvement only for: "
-        + ", ".join(f"{c.system.label} on {parse_dataset(c.dataset).label}" for c in real)
+        + ", ".join(f"{c.system.label} on {layout.label(c.dataset)}" for c in real)
         if real
         else "None is significant at 5%: this data does not support a claim that any recipe beats fp32"
     )
@@ -188,11 +372,12 @@ def snr_tables(systems: Sequence[System], layout: Layout, comps: Sequence[Compar
             for s in systems
         ]
         notes = ["*: significantly different from fp32 at 5% (paired test, as above); the test is in results.json."]
-        blocks += [Para(f"WER (%) on {panel_title(base, noise)} ({noise}):"), Table(headers, rows, notes)]
+        blocks += [Para(f"WER (%) on {panel_title(layout, base, noise)} ({noise}):"), Table(headers, rows, notes)]
     return blocks
 
 
-def setup_bullets(systems: Sequence[System]) -> list[str]:
+def setup_bullets(ctx: ReportData) -> list[str]:
+    systems, layout = ctx.systems, ctx.layout
     info = next((s.info for s in systems if s.info), {})
     items = [f"Models: {', '.join(dict.fromkeys(s.model for s in systems))}"]
     for key, name in (("device", "Device"), ("cpu", "CPU"), ("threads", "Threads"), ("batch_size", "Batch size")):
@@ -204,17 +389,26 @@ def setup_bullets(systems: Sequence[System]) -> list[str]:
     calib = next((s.info.get("calibration_dataset") for s in systems if s.info.get("calibration_dataset")), None)
     if calib:
         items.append(f"Calibration set (static recipes): {calib}")
+    items.append("Datasets: " + ", ".join(f"{layout.label(d)} = {d}" for d in layout.clean))
+    items.append(
+        f"Guidance: reference dataset {layout.label(layout.reference)} ({layout.reference_reason}); tolerance "
+        f"{_points(ctx.tolerance)} (the experiment's `tolerance`, default {_points(DEFAULT_TOLERANCE)})"
+    )
     return items
 
 
 def build_blocks(ctx: ReportData) -> list[Block]:
-    blocks: list[Block] = [Heading(ctx.title, 1), Bullets(setup_bullets(ctx.systems))]
+    blocks: list[Block] = [Heading(ctx.title, 1), Bullets(setup_bullets(ctx))]
     blocks += [Heading("Results (Table 1 layout)"), main_table(ctx.systems, ctx.layout)]
     blocks += [Heading("Failure modes and long form")]
     blocks += [t for t in (failure_table(ctx.systems, ctx.layout), long_short_table(ctx.systems, ctx.layout)) if t]
+    blocks += [Para(f"**Warning**: {w}.") for w in ctx.warnings]
     blocks += [Heading("Paired significance vs fp32")]
     if ctx.table_comparisons:
-        blocks += [significance_table(ctx.table_comparisons), Para(claims_paragraph(ctx.table_comparisons))]
+        blocks += [
+            significance_table(ctx.table_comparisons, ctx.layout),
+            Para(claims_paragraph(ctx.table_comparisons, ctx.layout, ctx.paper)),
+        ]
     else:
         blocks.append(Para("No paired test: it needs a completed fp32 baseline and a completed recipe per dataset."))
     blocks += [Heading("Deployment guidance")]
@@ -222,7 +416,7 @@ def build_blocks(ctx: ReportData) -> list[Block]:
         if len(ctx.guidance) > 1:
             blocks.append(Para(f"Model {g['model']}:"))
         blocks.append(Bullets(guidance_sentences(g, ctx.layout)))
-    blocks.append(Para(_guidance_rules(ctx.layout)))
+    blocks.append(Para(_guidance_rules(ctx)))
     blocks += [Heading("Figures")] + [FigureBlock(p) for p in ctx.plots]
     snr = snr_tables(ctx.systems, ctx.layout, ctx.comparisons)
     if snr:
@@ -230,34 +424,54 @@ def build_blocks(ctx: ReportData) -> list[Block]:
     return blocks
 
 
-def _guidance_rules(layout: Layout) -> str:
-    hard = parse_dataset(layout.hard).label
+def _guidance_rules(ctx: ReportData) -> str:
+    layout = ctx.layout
+    ref, tol = layout.label(layout.reference), ctx.tolerance
     robust = (
-        f"smallest WER increase {hard} - {parse_dataset(layout.easy).label}"
-        if layout.easy
-        else f"smallest WER increase vs fp32 on {hard}"
+        f"most robust = smallest WER increase {layout.label(layout.pair[1])} - {layout.label(layout.pair[0])} (the "
+        "paper's Figure 1), among every completed recipe; "
+        if layout.pair
+        else "no robustness ranking: it needs LibriSpeech test-clean and test-other in the experiment; "
     )
     return (
-        f"Rules: the reference dataset is {hard}; fastest = lowest RTF and smallest = highest size reduction among "
-        f"completed recipes within the tolerance; most robust = {robust}; avoid = significantly worse than fp32 "
-        "(paired test, 5%) on any dataset of the table, or Pareto-dominated on WER, size and RTF together."
+        f"Rules: the reference dataset is {ref} ({layout.reference_reason}). Within tolerance = the upper end of the "
+        f"paired 95% bootstrap CI of the WER difference from fp32 on {ref} is at most +{tol:g}; undecided = "
+        f"the CI contains +{tol:g}; beyond = its lower end is above +{tol:g}. Fastest = lowest median RTF (at the "
+        "batch size the rows were transcribed at) and smallest = smallest saved size, among the recipes within "
+        f"tolerance or undecided; {robust}avoid = significantly worse than fp32 (paired test, 5%) on any dataset of "
+        f"the table, or Pareto-dominated on WER ({ref}), size and RTF together as measured (another recipe no "
+        "worse on any and better on one). Utterances that would tell: the standard sample-size "
+        "formula for a paired difference (80% power at 5%) with the spread of per-utterance differences seen here."
     )
 
 
 def table_csv(systems: Sequence[System], layout: Layout) -> str:
     """Raw (unformatted) numbers, one row per (model, recipe), for spreadsheets and scripts."""
-    labels = [parse_dataset(d).label for d in layout.clean]
+    labels = [layout.label(d) for d in layout.clean]
+    sizes = timed_batch_sizes(systems, layout)
     headers = ["model", "recipe", "status", "error"]
-    headers += [h for x in labels for h in (f"wer_{x}", f"wer_{x}_low", f"wer_{x}_high", f"cer_{x}", f"n_{x}")]
-    headers += ["rtf", "size_reduction", "linear_bits_per_weight"]
+    for x in labels:
+        headers += [f"wer_{x}", f"wer_{x}_low", f"wer_{x}_high", f"cer_{x}", f"cer_{x}_low", f"cer_{x}_high", f"n_{x}"]
+    headers += ["rtf", "rtf_low", "rtf_high", "rtf_passes", "rtfx"]
+    headers += [f"{k}_b{b}" for b in sizes for k in ("rtf", "rtf_low", "rtf_high", "rtf_passes")]
+    headers += ["size_bytes", "fp32_size_bytes", "fp16_size_bytes", "size_reduction", "size_vs_fp16"]
+    headers += ["linear_bits_per_weight"]
     rows = []
     for s in systems:
         cells: list[Any] = [s.model, s.recipe, s.status, s.error or ""]
         for d in layout.clean:
             m = s.measures.get(d)
-            ci = m.wer_ci if m else None
-            cells += [m.wer, ci.low, ci.high, m.cer, len(m.rows)] if m and ci else ["", "", "", "", 0]
-        cells += [s.rtf(layout.clean), s.size_reduction, s.info.get("linear_bits_per_weight", "")]
+            if m and m.wer_ci and m.cer_ci:
+                cells += [m.wer, m.wer_ci.low, m.wer_ci.high, m.cer, m.cer_ci.low, m.cer_ci.high, len(m.rows)]
+            else:
+                cells += ["", "", "", "", "", "", 0]
+        main, speeds = s.speed(layout.clean), s.speeds(layout.clean)
+        cells += [main.median, main.low, main.high, main.passes, main.rtfx] if main else ["", "", "", 0, ""]
+        for b in sizes:
+            sp = speeds.get(b)
+            cells += [sp.median, sp.low, sp.high, sp.passes] if sp else ["", "", "", 0]
+        cells += [s.info.get("size_bytes", ""), s.info.get("fp32_size_bytes", ""), s.info.get("fp16_size_bytes", "")]
+        cells += [s.size_reduction, s.relative_size("fp16"), s.info.get("linear_bits_per_weight", "")]
         rows.append(cells)
     return csv_text(headers, rows)
 
@@ -276,13 +490,29 @@ def _json_safe(value: Any) -> Any:
 def system_dict(s: System, layout: Layout) -> dict[str, Any]:
     datasets = {}
     for spec, m in s.measures.items():
-        ci = m.wer_ci
         datasets[spec] = {
+            "label": layout.label(spec),
             "status": m.status,
             "error": m.error,
             **m.stats,
-            "wer_ci": [ci.low, ci.high] if ci else None,
+            "wer_ci": [m.wer_ci.low, m.wer_ci.high] if m.wer_ci else None,
+            "cer_ci": [m.cer_ci.low, m.cer_ci.high] if m.cer_ci else None,
         }
+    speeds = {
+        str(b): {
+            "rtf": sp.median,
+            "rtf_min": sp.low,
+            "rtf_max": sp.high,
+            "rtfx": sp.rtfx,
+            "rtfs": list(sp.rtfs),
+            "rounds": list(sp.rounds),
+            "busy_passes": sp.busy,
+            "load_average_max": sp.load_average,
+            "threads": sp.threads,
+            "cpus": sp.cpus,
+        }
+        for b, sp in s.speeds(layout.clean).items()
+    }
     return {
         "model": s.model,
         "recipe": s.recipe,
@@ -291,9 +521,13 @@ def system_dict(s: System, layout: Layout) -> dict[str, Any]:
         "status": s.status,
         "error": s.error,
         "rtf": s.rtf(layout.clean),
+        "speed_by_batch_size": speeds,
         "size_reduction": s.size_reduction,
         "linear_bits_per_weight": s.info.get("linear_bits_per_weight"),
         "size_bytes": s.info.get("size_bytes"),
+        "fp32_size_bytes": s.info.get("fp32_size_bytes"),
+        "fp16_size_bytes": s.info.get("fp16_size_bytes"),
+        "unquantized": s.info.get("unquantized"),
         "recipe_spec": s.spec,
         "datasets": datasets,
     }
@@ -307,10 +541,17 @@ class ReportData:
     comparisons: list[Comparison]  # on every dataset, noisy ones included
     guidance: list[dict[str, Any]]
     plots: list[Plot]
+    tolerance: float
+    warnings: list[str]
 
     @property
     def table_comparisons(self) -> list[Comparison]:
         return [c for c in self.comparisons if c.dataset in self.layout.clean]
+
+    @property
+    def paper(self) -> bool:
+        """Whether to set the seed paper's claims beside the measured ones (the paper presets ask for it)."""
+        return bool(self.experiment.get("paper_comparison"))
 
     @property
     def title(self) -> str:
@@ -322,14 +563,22 @@ class ReportData:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        layout = self.layout
         return _json_safe(
             {
                 "experiment": self.experiment,
-                "datasets": {"table": self.layout.clean, "reference": self.layout.hard, "easy": self.layout.easy},
-                "rtf_pooled_over": self.layout.clean,
-                "table": [system_dict(s, self.layout) for s in self.systems],
+                "datasets": {
+                    "table": layout.clean,
+                    "labels": layout.labels,
+                    "reference": layout.reference,
+                    "reference_reason": layout.reference_reason,
+                    "figure_1": list(layout.pair) if layout.pair else None,
+                },
+                "rtf_pooled_over": layout.clean,
+                "table": [system_dict(s, layout) for s in self.systems],
                 "tests": [c.to_dict() for c in self.comparisons],
                 "guidance": self.guidance,
+                "warnings": self.warnings,
                 "figures": [p.name for p in self.plots],
             }
         )
@@ -340,14 +589,16 @@ def analyse(results: Iterable[dict[str, Any]], experiment: dict[str, Any] | None
     systems = build_systems(results)
     if not systems:
         raise ValueError("no results to report")
-    layout = Layout.of(systems)
+    layout = Layout.of(systems, experiment.get("labels"), experiment.get("reference_dataset"))
     tolerance = float(experiment.get("tolerance", DEFAULT_TOLERANCE))
     comps = all_comparisons(systems, [*layout.clean, *(i.spec for i in layout.noisy)])
     # "Avoid" judges the table's datasets; the noisy variants have their own section.
     advice = guidance(systems, layout, [c for c in comps if c.dataset in layout.clean], tolerance)
     colors = colors_of(systems)
-    plots = [figure(systems, layout, colors) for figure in (figure_increase, figure_tradeoffs, figure_snr)]
-    return ReportData(systems, layout, experiment, comps, advice, [p for p in plots if p])
+    figures = (figure_datasets, figure_increase, figure_tradeoffs, figure_snr)
+    plots = [p for p in (figure(systems, layout, colors) for figure in figures) if p]
+    warnings = [w for w in [busy_timing(systems, layout)] if w]
+    return ReportData(systems, layout, experiment, comps, advice, plots, tolerance, warnings)
 
 
 def write_report(

@@ -6,8 +6,10 @@ words of one utterance is respected. Rates are ratios of sums (corpus WER), reco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -45,9 +47,20 @@ class PairedTest:
     high: float
     n: int
     changed: int  # utterances whose error count differs between a and b
+    se: float = math.nan  # delta-method standard error of `difference` (points); NaN with one utterance
 
     def significant(self, alpha: float = 0.05) -> bool:
         return self.p_value < alpha
+
+    def utterances_needed(self, margin: float, alpha: float = 0.05, power: float = 0.8) -> int | None:
+        """Utterances like these (same spread of per-utterance differences) that a two-sided test at `alpha`
+        needs to tell a true difference of `margin` points apart from zero with probability `power`: the
+        standard sample-size formula n = n_now * ((z_{1-alpha/2} + z_power) * se / margin)^2. None when it
+        cannot be estimated (no spread measured, or a zero margin)."""
+        if not (math.isfinite(self.se) and self.se > 0 and margin):
+            return None
+        z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+        return max(self.n + 1, math.ceil(self.n * (z * self.se / abs(margin)) ** 2))
 
 
 def paired_test(
@@ -88,7 +101,19 @@ def paired_test(
     boot = 100.0 * diff[idx].sum(axis=1) / np.where(sampled_totals > 0, sampled_totals, np.nan)
     alpha = (1.0 - level) / 2.0
     low, high = np.nanquantile(boot, [alpha, 1.0 - alpha])
-    return PairedTest(float(observed), float(p_value), float(low), float(high), len(diff), len(changed))
+    return PairedTest(
+        float(observed), float(p_value), float(low), float(high), len(diff), len(changed), _ratio_se(diff, totals)
+    )
+
+
+def _ratio_se(diff: np.ndarray, totals: np.ndarray) -> float:
+    """Standard error (points) of sum(diff) / sum(totals), a ratio of sums over sampled utterances, by the
+    delta method: the spread of the residuals diff_i - R * totals_i around the ratio R."""
+    n = len(diff)
+    if n < 2 or totals.sum() <= 0:
+        return math.nan
+    residuals = diff - diff.sum() / totals.sum() * totals
+    return float(100.0 * math.sqrt(n * residuals.var(ddof=1)) / totals.sum())
 
 
 def paired_rows_test(reference: Iterable[Any], other: Iterable[Any]) -> PairedTest | None:

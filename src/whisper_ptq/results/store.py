@@ -33,7 +33,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -141,6 +141,10 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _measured(config: dict[str, Any], unmeasured: Collection[str]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in unmeasured}
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -160,7 +164,7 @@ class Store:
         return cls(_open(path, writable), path)
 
     @classmethod
-    def create(cls, path: Path, name: str, config: dict[str, Any]) -> Store:
+    def create(cls, path: Path, name: str, config: dict[str, Any], unmeasured: Collection[str] = ()) -> Store:
         tmp = path.with_name(f".{path.name}.creating")
         try:
             _remove_database(tmp)  # left over from a creation that was killed
@@ -171,7 +175,7 @@ class Store:
                 with db:
                     db.execute(
                         "INSERT INTO experiment (id, name, config, config_hash, created_at) VALUES (1, ?, ?, ?, ?)",
-                        (name, json.dumps(config, sort_keys=True), config_hash(config), _now()),
+                        (name, json.dumps(config, sort_keys=True), config_hash(_measured(config, unmeasured)), _now()),
                     )
             finally:
                 db.close()
@@ -182,12 +186,16 @@ class Store:
         return cls.open(path)
 
     @classmethod
-    def for_experiment(cls, path: Path, name: str, config: dict[str, Any], force: bool = False) -> Store:
+    def for_experiment(
+        cls, path: Path, name: str, config: dict[str, Any], force: bool = False, unmeasured: Collection[str] = ()
+    ) -> Store:
         """The database of this experiment at `path`: created, or reopened to resume, and locked against every
-        other writer until closed. One holding another experiment is refused unless `force`, which discards it."""
+        other writer until closed. One holding another experiment is refused unless `force`, which discards it.
+        Keys in `unmeasured` change no stored row (how the report reads them, how often speed is timed): they
+        are left out of the identity hash, and a resumed database takes their new values."""
         lock = _lock(path)
         try:
-            store = cls._for_experiment(path, name, config, force)
+            store = cls._for_experiment(path, name, config, force, unmeasured)
         except BaseException:
             os.close(lock)
             raise
@@ -195,11 +203,17 @@ class Store:
         return store
 
     @classmethod
-    def _for_experiment(cls, path: Path, name: str, config: dict[str, Any], force: bool) -> Store:
+    def _for_experiment(
+        cls, path: Path, name: str, config: dict[str, Any], force: bool, unmeasured: Collection[str]
+    ) -> Store:
         if not path.exists():
-            return cls.create(path, name, config)
+            return cls.create(path, name, config, unmeasured)
         store = cls.open(path)
-        if store.experiment.config_hash == config_hash(config):
+        if store.experiment.config_hash == config_hash(_measured(config, unmeasured)):
+            if store.experiment.config != config:
+                with store._transaction() as db:
+                    db.execute("UPDATE experiment SET config = ?", (json.dumps(config, sort_keys=True),))
+                store.experiment = StoredExperiment(store.experiment.name, config, store.experiment.config_hash)
             return store
         store.close()
         if not force:
@@ -214,7 +228,7 @@ class Store:
             _remove_database(path)
         except OSError as exc:
             raise UserError(f"cannot remove {path}: {exc.strerror}") from None
-        return cls.create(path, name, config)
+        return cls.create(path, name, config, unmeasured)
 
     def close(self) -> None:
         self._db.close()
@@ -333,14 +347,17 @@ class Store:
     def merge_info(self, task_id: int, info: dict[str, Any]) -> None:
         """Add keys to a task's info (in Python, not json_patch, which would drop keys whose value is null)."""
         with self._transaction() as db:
-            (stored,) = db.execute("SELECT info FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            merged = {**json.loads(stored), **info}
+            merged = {**self.info(task_id), **info}
             db.execute("UPDATE tasks SET info = ? WHERE id = ?", (json.dumps(merged, default=str), task_id))
 
     # ------------------------------------------------------------------------------------- reading
 
     def status(self, task_id: int) -> str:
         return self._db.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+
+    def info(self, task_id: int) -> dict[str, Any]:
+        (stored,) = self._db.execute("SELECT info FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return json.loads(stored)
 
     def done_ids(self, task_id: int) -> set[str]:
         cursor = self._db.execute("SELECT utterance_id FROM utterances WHERE task_id = ?", (task_id,))

@@ -13,7 +13,7 @@ or text are computed again, and a row a worker computed from other data than the
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,18 @@ from tqdm import tqdm
 from whisper_ptq.backends import backend_for, get_recipe, library_packages
 from whisper_ptq.data import open_dataset, resolve_data_root
 from whisper_ptq.data.datasets import calibration_dataset
-from whisper_ptq.data.specs import dataset_label
+from whisper_ptq.data.specs import dataset_label, parse_dataset_spec
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors import make_executor
-from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows
+from whisper_ptq.executors.jobs import Event, Failed, Finished, Job, Opened, Part, Rows, Timed
 from whisper_ptq.models.sources import default_cache_dir
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment
-from whisper_ptq.results.rows import UtteranceResult, summarize
+from whisper_ptq.results.rows import UtteranceResult
 from whisper_ptq.results.store import RESULTS_FILE, Store
+from whisper_ptq.results.timing import ACCURACY_ROUND, TIMING_KEY, Speed, TimedPass, pooled_speeds, task_passes
 from whisper_ptq.settings import Settings
-from whisper_ptq.studies.experiment import Experiment
+from whisper_ptq.studies.experiment import UNMEASURED, Experiment
 from whisper_ptq.studies.identity import model_content, run_identity
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -125,6 +126,8 @@ class SweepResult:
 
 
 def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
+    """The accuracy jobs (what the database lacks), then the rounds of timing passes that `repeats` and
+    `timing_batch_sizes` ask for (see `_timing_rounds`)."""
     # Absolute paths: a worker, local or on another node, reads exactly what the driver checked.
     data_root = resolve_data_root(options.data_root).absolute()
     settings = experiment.settings(data_root, default_cache_dir(options.cache_dir).absolute())
@@ -134,7 +137,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
     except OSError as exc:
         raise UserError(f"cannot create output directory {options.out_dir}: {exc.strerror}") from None
     with Store.for_experiment(
-        options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force
+        options.out_dir / RESULTS_FILE, experiment.name, experiment.config(), options.force, UNMEASURED
     ) as store:
         # The driver's machine and settings; each task's info also carries its worker's own environment.
         env_id = store.record_environment(
@@ -156,7 +159,8 @@ def run_sweep(experiment: Experiment, options: SweepOptions) -> SweepResult:
         if jobs:
             make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
         recorder.close()
-        return SweepResult(store.results(), len(jobs))
+        timed = _timing_rounds(experiment, options, settings, store, tasks, task_ids)
+        return SweepResult(store.results(), len(jobs) + timed)
 
 
 def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: Settings) -> list[Job]:
@@ -185,6 +189,117 @@ def _jobs(tasks: list[Task], task_ids: dict[Task, int], store: Store, settings: 
             store.set_status(task_id, "pending")  # clears the error of an earlier failed attempt
             parts.setdefault((task.model, task.recipe), []).append(Part(task.dataset, todo))
     return [Job(i, model, recipe, tuple(ps), settings) for i, ((model, recipe), ps) in enumerate(parts.items())]
+
+
+def _timing_rounds(
+    experiment: Experiment,
+    options: SweepOptions,
+    settings: Settings,
+    store: Store,
+    tasks: list[Task],
+    task_ids: dict[Task, int],
+) -> int:
+    """Time every completed task again until it has `repeats` passes at each batch size (its accuracy pass
+    is the first at `batch_size`), over the same utterances, and return the jobs started.
+
+    A round holds one timing job per (model, recipe), run in experiment order, and every round ends before
+    the next starts: recipes are interleaved pass by pass (A B C, A B C, ...), so a slow spell of a shared
+    machine hits one pass of some recipes, not every pass of one, and the median over passes discards it.
+    Each job loads and quantizes its model afresh, in its own worker, as the accuracy job did.
+    """
+    sizes = list(dict.fromkeys([settings.batch_size, *experiment.timing_batch_sizes]))
+    failed: set[tuple[str, Recipe]] = set()  # systems whose timing failed in this run: not tried again
+    started = 0
+    while True:
+        jobs = _timing_jobs(tasks, task_ids, store, settings, sizes, experiment.repeats, failed)
+        if not jobs:
+            return started
+        recorder = _TimingRecorder(store, jobs, task_ids, tasks, failed, options.progress)
+        make_executor(options.executor, options.out_dir, **options.executor_options).run(jobs, recorder)
+        recorder.close()
+        started += len(jobs)
+
+
+def _timing_jobs(
+    tasks: list[Task],
+    task_ids: dict[Task, int],
+    store: Store,
+    settings: Settings,
+    sizes: list[int],
+    repeats: int,
+    failed: set[tuple[str, Recipe]],
+) -> list[Job]:
+    """The next round: for each (model, recipe), a part per completed task short of passes at some size."""
+    parts: dict[tuple[str, Recipe], list[Part]] = {}
+    last_round = ACCURACY_ROUND
+    for task in tasks:
+        if store.status(task_ids[task]) != "done" or (task.model, task.recipe) in failed:
+            continue
+        passes = [TimedPass.from_dict(p) for p in store.info(task_ids[task]).get(TIMING_KEY) or []]
+        last_round = max([last_round, *(p.round for p in passes)])
+        counts = {size: sum(p.batch_size == size for p in passes) + (size == settings.batch_size) for size in sizes}
+        short = tuple(size for size in sizes if counts[size] < repeats)
+        if short:
+            parts.setdefault((task.model, task.recipe), []).append(Part(task.dataset, task.ids, short))
+    return [
+        Job(i, model, recipe, tuple(ps), settings, timing_round=last_round + 1)
+        for i, ((model, recipe), ps) in enumerate(parts.items())
+    ]
+
+
+class _TimingRecorder:
+    """The driver's handler of a timing round: each pass joins its task's info, checked against the stored
+    hypotheses; a failed job marks its tasks' timing as failed, never the tasks themselves."""
+
+    def __init__(
+        self,
+        store: Store,
+        jobs: list[Job],
+        task_ids: dict[Task, int],
+        tasks: list[Task],
+        failed: set[tuple[str, Recipe]],
+        progress: bool,
+    ):
+        self.store, self.failed = store, failed
+        by_cell = {(t.model, t.recipe, t.dataset): task_ids[t] for t in tasks}
+        self.jobs = {j.index: j for j in jobs}
+        self.parts = {(j.index, p.dataset): by_cell[j.model, j.recipe, p.dataset] for j in jobs for p in j.parts}
+        self.pending = {(j.index, p.dataset): len(p.batch_sizes) for j in jobs for p in j.parts}
+        self.bar = tqdm(
+            total=sum(self.pending.values()),
+            desc=f"timing round {jobs[0].timing_round}",
+            unit="pass",
+            position=0,
+            disable=not progress,
+        )
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case Timed(job=job, dataset=dataset, info=info, hypotheses=hypotheses):
+                task_id = self.parts[job, dataset]
+                stored = {row.id: row.hypothesis for row in self.store.rows(task_id)}
+                info = {**info, "differing_hypotheses": sum(stored.get(i) != h for i, h in hypotheses.items())}
+                passes = [*(self.store.info(task_id).get(TIMING_KEY) or []), info]
+                self.store.merge_info(task_id, {TIMING_KEY: passes, "timing_error": None})
+                self.pending[job, dataset] -= 1
+                self.bar.update(1)
+            case Failed(job=job, error=error, dataset=dataset):
+                self._fail(job, error, dataset)
+
+    def _fail(self, job: int, error: str, dataset: str | None = None) -> None:
+        unfinished = [key for key, left in self.pending.items() if key[0] == job and dataset in (None, key[1]) and left]
+        if not unfinished:
+            return
+        tqdm.write(f"{self.jobs[job].label}: failed: {error}", file=sys.stderr)
+        self.failed.add((self.jobs[job].model, self.jobs[job].recipe))
+        for key in unfinished:
+            self.store.merge_info(self.parts[key], {"timing_error": error})
+            self.pending[key] = 0
+
+    def close(self) -> None:
+        for job in self.jobs:
+            self._fail(job, "worker ended before its timing passes finished")
+        self.bar.close()
 
 
 class _Recorder:
@@ -289,33 +404,48 @@ class _Recorder:
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def print_summary(results: list[dict[str, Any]], console: Console | None = None) -> None:
-    """The one-screen terminal table: one row per (model, recipe), the WER of each dataset."""
+def print_summary(
+    results: list[dict[str, Any]], labels: Mapping[str, str] | None = None, console: Console | None = None
+) -> None:
+    """The one-screen terminal table: one row per (model, recipe), the WER of each dataset (under the
+    experiment's `labels`), the RTF as the report gives it (median over the timed passes, min-max) and the size."""
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     models = list(dict.fromkeys(r["model"] for r in results))
     systems: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
         systems.setdefault((result["model"], result["recipe"]), []).append(result)
+    names = {parse_dataset_spec(spec).clean: label for spec, label in (labels or {}).items()}
     table = Table(title="whisper-ptq bench")
-    for column in [*(["model"] if len(models) > 1 else []), "recipe", *(f"WER {dataset_label(d)}" for d in datasets)]:
+    headers = [f"WER {parse_dataset_spec(d).labelled(names.get(parse_dataset_spec(d).clean))}" for d in datasets]
+    for column in [*(["model"] if len(models) > 1 else []), "recipe", *headers]:
         table.add_column(column)
     table.add_column("RTF", justify="right")
-    table.add_column("size red.", justify="right")
+    table.add_column("size", justify="right")
     table.add_column("status", overflow="fold", max_width=50)
     for (model, recipe), cells in systems.items():
         wer = {c["dataset"]: c["summary"].get("wer") for c in cells}
-        rows = [UtteranceResult(**u) for c in cells for u in c["utterances"]]
         info = next((c["summary"] for c in cells if c["summary"]), {})
+        clean = [c for c in cells if c["utterances"] and parse_dataset_spec(c["dataset"]).noise is None]
+        passes = (task_passes([UtteranceResult(**u) for u in c["utterances"]], c["summary"]) for c in clean)
+        speeds = pooled_speeds(passes)
+        speed = speeds.get(info.get("batch_size"))
+        size = f"{info['size_bytes'] / 1e6:.1f} MB" if "size_bytes" in info else "-"
         table.add_row(
             *([model] if len(models) > 1 else []),
             recipe,
             *(_number(wer.get(d), ".2f") for d in datasets),
-            _number(summarize(rows)["rtf"] if rows else None, ".3f"),
-            _number(100 * info["size_reduction"] if "size_reduction" in info else None, ".0f", "%"),
+            _rtf(speed),
+            size + (f" ({0.0 - 100 * info['size_reduction']:+.0f}%)" if "size_reduction" in info else ""),
             _status(cells),
         )
     # Not narrower than 120 columns: a pipe or a small terminal would otherwise cut recipe names.
     (console or Console(width=max(120, Console().width))).print(table)
+
+
+def _rtf(speed: Speed | None) -> str:
+    if speed is None:
+        return "-"
+    return f"{speed.median:.3f}" + (f" ({speed.low:.3f}-{speed.high:.3f})" if speed.passes > 1 else "")
 
 
 def _number(value: float | None, spec: str, suffix: str = "") -> str:

@@ -13,16 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from whisper_ptq.data.modifiers import NoiseModifier
+from whisper_ptq.data.specs import parse_dataset_spec
 from whisper_ptq.errors import UserError
+from whisper_ptq.report.analysis import DEFAULT_TOLERANCE
 from whisper_ptq.results.store import RESULTS_FILE, Store
 from whisper_ptq.settings import DEFAULT_CALIBRATION, TASKS, DecodingOptions, Settings
 
 DEFAULT_EXPERIMENT = "paper"
+PAPER_PRESETS = ("paper", "paper-gpu")  # stored before `paper_comparison` existed, they had the paper's claims
+# Keys that change no stored row: how the report reads the results, and how often speed is timed. They are not
+# part of an experiment's identity, so changing them resumes the same results database (see `Store.for_experiment`).
+UNMEASURED = ("repeats", "timing_batch_sizes", "labels", "tolerance", "reference_dataset", "paper_comparison")
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """What a sweep evaluates and how; `config()` is its identity in the results database."""
+    """What a sweep evaluates and how; `config()` is stored in the results database, and all of it but the
+    `UNMEASURED` keys is its identity there."""
 
     name: str
     recipes: tuple[str, ...]
@@ -43,6 +50,12 @@ class Experiment:
     beam_size: int = 1
     temperature_fallback: bool = False
     condition_on_previous_text: bool = False
+    repeats: int = 1  # timed passes per batch size; the accuracy pass is the first at `batch_size`
+    timing_batch_sizes: tuple[int, ...] = ()  # further batch sizes timed (not scored again), e.g. 1 for latency
+    labels: tuple[tuple[str, str], ...] = ()  # (dataset as listed, its short name in the report)
+    tolerance: float = DEFAULT_TOLERANCE  # WER points above fp32 on the reference dataset a recipe may lose
+    reference_dataset: str | None = None  # a listed dataset (or its label); None: test-other, else the first
+    paper_comparison: bool = False  # set by the paper presets: the report sets the seed paper's claims beside ours
     source: str = field(default="", compare=False)  # the file or preset it came from, for error messages
 
     def config(self) -> dict[str, Any]:
@@ -52,6 +65,7 @@ class Experiment:
         for key in DecodingOptions().to_dict():
             del config[key]
         config.update(self.decoding.changed())
+        config["labels"] = dict(self.labels)
         return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
     @property
@@ -62,7 +76,11 @@ class Experiment:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "") -> Experiment:
+        """An experiment from its stored config; one stored before a key existed takes that key's default, but
+        the paper presets' databases keep the paper's claims in their report."""
         values = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
+        values["labels"] = tuple(dict(config.get("labels") or {}).items())
+        values.setdefault("paper_comparison", config.get("name") in PAPER_PRESETS)
         return cls(**values, source=source)
 
     def dataset_specs(self) -> list[str]:
@@ -102,8 +120,30 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # TOML `true` is not a count
 
 
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v.strip() for v in value)
+
+
+def _dataset_entries(value: Any) -> bool:
+    """Each entry a spec, or a table {spec = "...", label = "..."} naming it in the report."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            (isinstance(v, str) and v.strip())
+            or (
+                isinstance(v, dict)
+                and "spec" in v
+                and set(v) <= {"spec", "label"}
+                and all(isinstance(x, str) and x.strip() for x in v.values())
+            )
+            for v in value
+        )
+    )
 
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -116,10 +156,8 @@ KEYS: dict[str, _Key] = {
     "name": _Key("letters, digits, '.', '_' or '-'", lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None),
     "models": _STRINGS,
     "recipes": _STRINGS,
-    "datasets": _STRINGS,
-    "snrs": _Key(
-        "a list of numbers (dB)", lambda v: isinstance(v, list) and all(_is_int(x) or isinstance(x, float) for x in v)
-    ),
+    "datasets": _Key('a non-empty list of dataset specs or {spec = "...", label = "..."} tables', _dataset_entries),
+    "snrs": _Key("a list of numbers (dB)", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
     "noise": _Key(" or ".join(f'"{k}"' for k in NoiseModifier.KINDS), lambda v: v in NoiseModifier.KINDS),
     "noise_seed": _Key("an integer", _is_int),
     "limit": _COUNT,
@@ -133,6 +171,13 @@ KEYS: dict[str, _Key] = {
     "beam_size": _COUNT,
     "temperature_fallback": _Key("true or false", lambda v: isinstance(v, bool)),
     "condition_on_previous_text": _Key("true or false", lambda v: isinstance(v, bool)),
+    "repeats": _COUNT,
+    "timing_batch_sizes": _Key(
+        "a list of positive integers", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 1 for x in v)
+    ),
+    "tolerance": _Key("a number of WER points, at least 0", lambda v: _is_number(v) and v >= 0),
+    "reference_dataset": _STRING,
+    "paper_comparison": _Key("true or false", lambda v: isinstance(v, bool)),
 }
 REQUIRED = ("recipes", "datasets")
 
@@ -175,12 +220,36 @@ def parse_experiment(text: str, source: str, default_name: str) -> Experiment:
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise UserError(f"{source}: missing key {missing[0]!r} ({KEYS[missing[0]].expected})")
+    entries = [e if isinstance(e, dict) else {"spec": e} for e in data.pop("datasets")]
+    data["datasets"] = [e["spec"] for e in entries]
+    data["labels"] = {e["spec"]: e["label"].strip() for e in entries if "label" in e}
+    _check_labels(data, source, text)
     experiment = Experiment.from_config({"name": default_name, **data}, source)
     try:
         experiment.decoding  # noqa: B018 - validates the language
     except UserError as exc:
         raise UserError(f"{_where(source, text, 'language')}: {exc}") from None
     return experiment
+
+
+def _check_labels(data: dict[str, Any], source: str, text: str) -> None:
+    """Labels name columns and figure series: two datasets may not share one, and `reference_dataset` must name
+    a listed dataset by its spec or its label."""
+    labels = {spec: data["labels"].get(spec) or parse_dataset_spec(spec).label for spec in data["datasets"]}
+    seen: dict[str, str] = {}
+    for spec, label in labels.items():
+        if label in seen:
+            raise UserError(
+                f"{_where(source, text, 'datasets')}: datasets {seen[label]!r} and {spec!r} are both labelled "
+                f'{label!r}; give one a label of its own: {{spec = "...", label = "..."}}'
+            )
+        seen[label] = spec
+    reference = data.get("reference_dataset")
+    if reference is not None and reference not in labels and reference not in seen:
+        raise UserError(
+            f"{_where(source, text, 'reference_dataset')}: reference_dataset {reference!r} is not a listed dataset; "
+            f"give one of: {', '.join(repr(x) for pair in labels.items() for x in pair)}"
+        )
 
 
 def _where(source: str, text: str, key: str) -> str:
@@ -213,6 +282,7 @@ def stored_experiment(out: Path) -> Experiment:
 
 
 def stored_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The experiment config and the results an output dir holds (the report's input)."""
+    """The experiment config (every key, defaults for those it was stored without) and the results an output
+    dir holds: the report's input."""
     with Store.open(out / RESULTS_FILE, writable=False) as store:
-        return store.experiment.config, store.results()
+        return Experiment.from_config(store.experiment.config).config(), store.results()
