@@ -2,15 +2,17 @@
 
 A backend turns raw parameters into a validated `Recipe` (`recipe`), says whether a recipe can run here
 (`check`), quantizes a loaded model into a `Transcriber` (`quantize`), and serializes the result through
-the library's own save path (`save`), which is also how size is measured.
+the library's own save path (`save`), which is also how size is measured and what an export ships. `load`
+restores what `save` wrote; `loaders` say how a user loads it without whisper-ptq (the export's model card).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -76,6 +78,91 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Loader:
+    """One way to load an export in a program of one's own: a complete script, run as
+    `python transcribe.py EXPORT_DIR CLIP...`, that prints one transcript per clip. `exact`: it decodes as
+    whisper-ptq measured (same features, greedy search, same prompt), so it prints the measured transcripts."""
+
+    title: str
+    packages: tuple[str, ...]
+    script: str
+    exact: bool = True
+    note: str = ""
+
+
+WHISPER_PTQ_SCRIPT = """\
+import sys
+
+import whisper_ptq
+
+model = whisper_ptq.load(sys.argv[1])  # the recipe's own engine, restored as whisper-ptq measured it
+for clip in sys.argv[2:]:
+    print(model.transcribe(clip))
+"""
+
+
+def transformers_loader(
+    title: str, packages: Iterable[str], imports: str, load: str, english_only: bool, note: str = ""
+) -> Loader:
+    """A script around lines that define `model` (a transformers Whisper model) from `model_dir`: the
+    processor saved beside it, then `generate` with the decoding `engines.hf.HFTranscriber` uses (greedy,
+    English, transcribe, no timestamps: the export's generation_config.json plus the language for
+    multilingual models)."""
+    language = "" if english_only else ', language="en", task="transcribe"'
+    script = f"""\
+import sys
+
+import soundfile
+import torch
+{imports}
+from transformers import WhisperProcessor
+
+model_dir = sys.argv[1]
+{load}
+processor = WhisperProcessor.from_pretrained(model_dir)
+for clip in sys.argv[2:]:
+    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, as Whisper expects
+    features = processor(audio, sampling_rate=rate, return_tensors="pt").input_features.to(model.dtype)
+    with torch.no_grad():
+        ids = model.generate(features{language})
+    print(processor.batch_decode(ids, skip_special_tokens=True)[0])
+"""
+    return Loader(title, ("transformers", "torch", "soundfile", *packages), script, note=note)
+
+
+@contextlib.contextmanager
+def _attributes(target: Any, values: dict[str, Any]) -> Iterator[None]:
+    """Set attributes for the duration of the block, then restore them (or remove those that were absent)."""
+    missing = object()
+    old = {name: getattr(target, name, missing) for name in values}
+    for name, value in values.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is missing:
+                delattr(target, name)
+            else:
+                setattr(target, name, value)
+
+
+def save_transformers(model: Any, out_dir: Path, quantization_config: Any = None, quantizer: Any = None) -> None:
+    """`save_pretrained` of a model quantized outside transformers, so that `from_pretrained(out_dir)` loads
+    it: config.json names the `quantization_config` transformers must rebuild the layers with, a head no
+    longer tied to the embedding is saved untied, and `quantizer` (a transformers HfQuantizer) flattens
+    tensor subclasses for safetensors as it does when transformers quantized the model itself. The live
+    model is left as it was."""
+    config = model.config
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    overrides: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config else {}
+    if getattr(head, "weight", None) is not getattr(embedding, "weight", None):
+        overrides["tie_word_embeddings"] = False
+    with _attributes(config, overrides), _attributes(model, {"hf_quantizer": quantizer} if quantizer else {}):
+        model.save_pretrained(out_dir)
+
+
 class Backend(ABC):
     library: ClassVar[str]
     description: ClassVar[str]
@@ -130,6 +217,18 @@ class Backend(ABC):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        """How a user loads what `save` wrote (with the export's config and processor files), the library's
+        own way first. The default: whisper-ptq's loader, for engines no other library can run."""
+        return [
+            Loader(
+                "whisper-ptq",
+                ("whisper-ptq",),
+                WHISPER_PTQ_SCRIPT,
+                note=f"No other library loads {self.library} models of this recipe: whisper-ptq rebuilds them.",
+            )
+        ]
 
 
 def _cuda_available() -> bool:
