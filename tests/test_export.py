@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 import whisper_ptq
-from whisper_ptq.backends import get_recipe
+from whisper_ptq.backends import backend_for, get_recipe
+from whisper_ptq.backends.mixed import PlanEntry, mixed_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.data import open_dataset
 from whisper_ptq.errors import UserError
-from whisper_ptq.export import CARD, MARKER
+from whisper_ptq.export import CARD, MARKER, check_export_target
+from whisper_ptq.recipes import Recipe
 
 # Runs a card's script as `python transcribe.py EXPORT_DIR CLIP...`, then says whether it imported whisper_ptq.
 RUNNER = """\
@@ -43,7 +45,14 @@ CASES = {
     "torch-int8-dynamic": {"whisper-ptq": False},
     "torch-int8-static": {"whisper-ptq": False},
     "fast:compile=false": {"whisper-ptq": False},  # the compile takes minutes on two cores
+    "mixed": {"whisper-ptq": False},
 }
+# A plan as `whisper-ptq search` writes them: one library, some groups of layers
+MIXED = mixed_recipe("mixed", [PlanEntry("encoder MLP", (r"encoder\.layers\.\d+\.fc",), get_recipe("hqq-int4"))])
+
+
+def recipe_for(name: str) -> Recipe:
+    return MIXED if name == "mixed" else get_recipe(name)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,7 @@ def run_script(script: str, export: Path, clips: list[str], tmp_path: Path) -> t
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_load_script_of_the_card_transcribes(name, clips, model_cache, shared_data, tmp_path) -> None:
     q = whisper_ptq.quantize(
-        "tiny.en", name, cache_dir=model_cache, data_root=shared_data, calibration_limit=8, threads=2
+        "tiny.en", recipe_for(name), cache_dir=model_cache, data_root=shared_data, calibration_limit=8, threads=2
     )
     export = q.save(tmp_path / "export")
     expected = q.transcribe(clips)
@@ -134,7 +143,7 @@ def test_cli_export_card_permissions_and_force(shared_data, model_cache, tmp_pat
     assert abs(marker["size"]["fp16_size_bytes"] / marker["size"]["fp32_size_bytes"] - 0.5) < 0.001
     assert len(marker["source"]["sha256"]) == 64
     card = (out / CARD).read_text()
-    for fact in (marker["source"]["sha256"], f"{marker['evaluation']['wer']:.2f}", "| options.dtype | fp32 |"):
+    for fact in (marker["source"]["sha256"], f"{marker['evaluation']['wer']:.2f}", "| weights | fp32 |"):
         assert fact in card
     assert f"| transformers | {marker['versions']['transformers']} |" in card
 
@@ -157,17 +166,13 @@ def test_an_export_never_replaces_what_is_not_an_export(tmp_path, capsys) -> Non
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        from whisper_ptq.export import check_export_target
-
         check_export_target(target, force=True)
 
 
 def test_every_named_recipe_has_a_load_script() -> None:
     """Each backend says how its exports load; those with their own library's loader never need whisper_ptq."""
     for name in CASES:
-        recipe = get_recipe(name)
-        from whisper_ptq.backends import backend_for
-
+        recipe = recipe_for(name)
         loaders = backend_for(recipe).loaders(recipe, english_only=True)
         assert [loader.title for loader in loaders] == list(CASES[name])
         for loader in loaders:

@@ -160,7 +160,9 @@ def save_transformers(model: Any, out_dir: Path, quantization_config: Any = None
     if getattr(head, "weight", None) is not getattr(embedding, "weight", None):
         overrides["tie_word_embeddings"] = False
     with _attributes(config, overrides), _attributes(model, {"hf_quantizer": quantizer} if quantizer else {}):
-        model.save_pretrained(out_dir)
+        # save_original_format=False: the weights are saved as they are; transformers would otherwise try to
+        # reverse the conversions a pre-quantized load attached (and cannot: TorchAoDeserialize has no reverse)
+        model.save_pretrained(out_dir, save_original_format=False)
 
 
 class Backend(ABC):

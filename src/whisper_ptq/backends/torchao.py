@@ -200,8 +200,11 @@ class TorchaoBackend(Backend):
             return self._quantized(model, bundle, recipe, ctx)
         # torch.save kept the quantized subclasses themselves; assign=True puts them in place of the
         # full-precision parameters (copying into those would dequantize them).
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
         model = self._base_model(bundle, recipe, ctx)
-        state = torch.load(saved_dir / "model.pt", map_location=ctx.device, weights_only=True)
+        with torch.serialization.safe_globals([Int4OpaqueTensor]):  # the one layout saved this way
+            state = torch.load(saved_dir / "model.pt", map_location=ctx.device, weights_only=True)
         model.load_state_dict(state, assign=True)
         return self._quantized(model, bundle, recipe, ctx)
 

@@ -120,6 +120,12 @@ class System:
     def size_reduction(self) -> float:
         return float(self.info.get("size_reduction", 0.0 if self.baseline else math.nan))
 
+    @property
+    def size_vs_fp16(self) -> float:
+        """Saved size over the fp16 model's (what users download from OpenAI); NaN for runs that predate it."""
+        size, fp16 = self.info.get("size_bytes"), self.info.get("fp16_size_bytes")
+        return size / fp16 if size and fp16 else math.nan
+
 
 def build_systems(results: Iterable[dict[str, Any]]) -> list[System]:
     """Group tasks into (model, recipe) rows, keeping experiment order but each model's fp32 first."""

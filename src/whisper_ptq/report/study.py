@@ -96,7 +96,7 @@ def _num(value: float, spec: str) -> str:
 def main_table(systems: Sequence[System], layout: Layout) -> Table:
     labels = [parse_dataset(d).label for d in layout.clean]
     headers = ["Recipe", *(f"WER {x}" for x in labels), *(f"CER {x}" for x in labels)]
-    headers += ["RTF", "Size red.", "Bits/weight (linear)", "Status"]
+    headers += ["RTF", "Size red.", "Size / fp16", "Bits/weight (linear)", "Status"]
     rows = []
     for s in systems:
         measures = [s.measures.get(d) for d in layout.clean]
@@ -108,6 +108,7 @@ def main_table(systems: Sequence[System], layout: Layout) -> Table:
                 *(_num(m.cer if m else math.nan, ".2f") for m in measures),
                 _num(s.rtf(layout.clean), ".3f"),
                 _num(100 * s.size_reduction, ".0f") + ("%" if not math.isnan(s.size_reduction) else ""),
+                _num(s.size_vs_fp16, ".2f"),
                 _num(bits if bits is not None else math.nan, ".3g"),
                 s.status,
             ]
@@ -119,7 +120,8 @@ def main_table(systems: Sequence[System], layout: Layout) -> Table:
         f"Utterances per dataset: {', '.join(f'{k} {v}' for k, v in counts.items())}.",
         f"RTF: compute seconds / audio seconds pooled over {', '.join(labels)} (the mean of the per-dataset RTFs "
         "weighted by audio duration); model loading and audio decoding excluded.",
-        "Size red.: 1 - saved size / fp32 saved size. Bits/weight: mean stored bits per weight of the linear layers.",
+        "Size red.: 1 - saved size / fp32 saved size. Size / fp16: saved size over the fp16 model's, the form "
+        "OpenAI ships Whisper in. Bits/weight: mean stored bits per weight of the linear layers.",
     ]
     notes += [f"{s.label} ({s.status}): {s.error}" for s in systems if s.error]
     return Table(headers, rows, notes)
@@ -245,7 +247,7 @@ def table_csv(systems: Sequence[System], layout: Layout) -> str:
     labels = [parse_dataset(d).label for d in layout.clean]
     headers = ["model", "recipe", "status", "error"]
     headers += [h for x in labels for h in (f"wer_{x}", f"wer_{x}_low", f"wer_{x}_high", f"cer_{x}", f"n_{x}")]
-    headers += ["rtf", "size_reduction", "linear_bits_per_weight"]
+    headers += ["rtf", "size_reduction", "size_vs_fp16", "linear_bits_per_weight"]
     rows = []
     for s in systems:
         cells: list[Any] = [s.model, s.recipe, s.status, s.error or ""]
@@ -253,7 +255,7 @@ def table_csv(systems: Sequence[System], layout: Layout) -> str:
             m = s.measures.get(d)
             ci = m.wer_ci if m else None
             cells += [m.wer, ci.low, ci.high, m.cer, len(m.rows)] if m and ci else ["", "", "", "", 0]
-        cells += [s.rtf(layout.clean), s.size_reduction, s.info.get("linear_bits_per_weight", "")]
+        cells += [s.rtf(layout.clean), s.size_reduction, s.size_vs_fp16, s.info.get("linear_bits_per_weight", "")]
         rows.append(cells)
     return csv_text(headers, rows)
 
@@ -290,6 +292,8 @@ def system_dict(s: System, layout: Layout) -> dict[str, Any]:
         "size_reduction": s.size_reduction,
         "linear_bits_per_weight": s.info.get("linear_bits_per_weight"),
         "size_bytes": s.info.get("size_bytes"),
+        "fp32_size_bytes": s.info.get("fp32_size_bytes"),
+        "fp16_size_bytes": s.info.get("fp16_size_bytes"),
         "recipe_spec": s.spec,
         "datasets": datasets,
     }
