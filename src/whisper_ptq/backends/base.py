@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,20 +104,18 @@ for clip in sys.argv[2:]:
 
 
 def transformers_loader(
-    title: str, packages: Iterable[str], imports: str, load: str, english_only: bool, note: str = ""
+    title: str, packages: Iterable[str], imports: Iterable[str], load: str, english_only: bool, note: str = ""
 ) -> Loader:
     """A script around lines that define `model` (a transformers Whisper model) from `model_dir`: the
     processor saved beside it, then `generate` with the decoding `engines.hf.HFTranscriber` uses (greedy,
     English, transcribe, no timestamps: the export's generation_config.json plus the language for
-    multilingual models)."""
+    multilingual models). `imports`: the import lines `load` needs."""
     language = "" if english_only else ', language="en", task="transcribe"'
+    header = import_block(
+        ["import sys", "import soundfile", "import torch", "from transformers import WhisperProcessor", *imports]
+    )
     script = f"""\
-import sys
-
-import soundfile
-import torch
-{imports}
-from transformers import WhisperProcessor
+{header}
 
 model_dir = sys.argv[1]
 {load}
@@ -129,6 +128,27 @@ for clip in sys.argv[2:]:
     print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 """
     return Loader(title, ("transformers", "torch", "soundfile", *packages), script, note=note)
+
+
+def import_block(lines: Iterable[str]) -> str:
+    """Import lines as isort writes them: the standard library first, `from M import a, b` merged per module."""
+    plain: set[str] = set()
+    names: dict[str, set[str]] = {}
+    for line in lines:
+        words = line.split()
+        if words[0] == "import":
+            plain.add(words[1])
+        else:
+            names.setdefault(words[1], set()).update(name.strip() for name in line.split(" import ")[1].split(","))
+    modules = sorted(plain | set(names), key=lambda m: (m.split(".")[0] not in sys.stdlib_module_names, m))
+    groups: list[list[str]] = [[], []]
+    for module in modules:
+        group = groups[module.split(".")[0] not in sys.stdlib_module_names]
+        if module in plain:
+            group.append(f"import {module}")
+        if module in names:
+            group.append(f"from {module} import {', '.join(sorted(names[module]))}")
+    return "\n\n".join("\n".join(group) for group in groups if group)
 
 
 @contextlib.contextmanager

@@ -144,11 +144,11 @@ class BitsAndBytesBackend(Backend):
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
         load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
-        imports = "from transformers import WhisperForConditionalGeneration"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
         note = "transformers rebuilds the bitsandbytes layers from the `quantization_config` in config.json."
         if recipe.weights != "int8" and recipe.option("compute_dtype") == "fp32":
             # transformers' Linear4bit keeps bnb's default: the fused bf16 CPU kernel where the CPU has it
-            imports += "\nfrom bitsandbytes.nn import Linear4bit"
+            imports.append("from bitsandbytes.nn import Linear4bit")
             load += (
                 "\nfor module in model.modules():  # compute in fp32 as measured, not in bnb's fused bf16 CPU kernel"
                 "\n    if isinstance(module, Linear4bit):"

@@ -137,10 +137,10 @@ class HQQBackend(Backend):
         return self._quantized(model, bundle, recipe, ctx)
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
-        imports = (
-            "from hqq.core.quantize import HQQLinear\n"
-            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration"
-        )
+        imports = [
+            "from hqq.core.quantize import HQQLinear",
+            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration",
+        ]
         load = f"""\
 model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(model_dir))
 state = torch.load(f"{{model_dir}}/{STATE_FILE}", weights_only=True)

@@ -257,12 +257,12 @@ class QuantoBackend(Backend):
         return Built(transcriber, model, self._info(model, recipe))
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
-        imports = (
-            "import json\n\n"
-            "from optimum.quanto import requantize\n"
-            "from safetensors.torch import load_file\n"
-            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration"
-        )
+        imports = [
+            "import json",
+            "from optimum.quanto import requantize",
+            "from safetensors.torch import load_file",
+            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration",
+        ]
         load = f"""\
 with torch.device("meta"):  # an empty model: requantize swaps in quanto's layers, then loads the weights
     model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(model_dir))

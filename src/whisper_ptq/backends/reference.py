@@ -58,5 +58,5 @@ class ReferenceBackend(Backend):
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
         load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
-        imports = "from transformers import WhisperForConditionalGeneration"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
         return [transformers_loader("transformers", (), imports, load, english_only)]

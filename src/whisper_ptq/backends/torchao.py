@@ -212,7 +212,7 @@ class TorchaoBackend(Backend):
         if recipe.weights == "int4":
             return super().loaders(recipe, english_only)
         load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
-        imports = "from transformers import WhisperForConditionalGeneration"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
         note = "transformers rebuilds the torchao tensor subclasses from the `quantization_config` in config.json."
         return [transformers_loader("transformers", ("torchao",), imports, load, english_only, note)]
 
