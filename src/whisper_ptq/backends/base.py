@@ -229,8 +229,9 @@ class Backend(ABC):
         """Quantize `bundle.model` (a WhisperBundle) in place where possible and return a runnable model."""
 
     def save(self, quantized: Built, out_dir: Path) -> None:
-        """Serialize through the library's own save path. The default: torch.save of the state dict, which
-        is how torch/torchao/HQQ/bitsandbytes tensors (packed, with scales) serialize themselves."""
+        """Serialize through the library's own save path, in the form its users load (an export ships what
+        this writes). The default: torch.save of the state dict, which is how torch.ao, HQQ and torchao's int4
+        tensors (packed, with scales) serialize themselves."""
         import torch
 
         out_dir.mkdir(parents=True, exist_ok=True)
