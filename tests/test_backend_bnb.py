@@ -78,7 +78,7 @@ def test_save_shrinks_the_linears_and_reloads_identically(
     recipe, quantized = quantize(bundle, name)
     backend = backend_for(recipe)
     backend.save(quantized, tmp_path)
-    saved_bytes = (tmp_path / "model.pt").stat().st_size
+    saved_bytes = (tmp_path / "model.safetensors").stat().st_size
     bits = BITS[name][1]
     assert saved_bytes < fp32_bytes - linear_weights * (32 - bits) / 8
     audios = utterances[0][:1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,10 +122,13 @@ def test_static_save_load_gives_identical_transcripts(static, utterances, model_
     backend = backend_for(recipe)
     backend.save(quantized, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {
+        "config.json",
+        "generation_config.json",
         "model.safetensors",
-        "quantization_map.json",
+        "quanto_qmap.json",
         "streamline.json",
     }
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False  # head quantized
     reloaded = backend.load(load_model("tiny.en", model_cache), recipe, tmp_path, BuildContext())
     assert reloaded.transcriber.transcribe(utterances[0]) == hypotheses
 

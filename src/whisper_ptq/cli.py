@@ -240,19 +240,28 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from whisper_ptq.backends import get_recipe
+    from whisper_ptq.data import open_dataset
     from whisper_ptq.export import check_export_target
     from whisper_ptq.preflight import preflight
 
     settings = _settings(args)
     recipe = get_recipe(args.recipe)
-    check_export_target(args.out)
-    preflight(args.model, recipe, settings)
+    check_export_target(args.out, args.force)
+    if args.limit is not None and args.evaluate is None:
+        raise UserError("--limit applies to --evaluate only")
+    dataset = open_dataset(args.evaluate, settings.data_root).limit(args.limit) if args.evaluate else None
+    preflight(args.model, recipe, settings, [dataset] if dataset else [])
 
     from whisper_ptq.evaluation import Quantized
 
-    quantized = Quantized.build(args.model, recipe, settings)
-    quantized.save(args.out)
-    print(f"exported {args.model} with {recipe.name} to {args.out} ({quantized.size_bytes / 1e6:.1f} MB)")
+    quantized = Quantized.build(args.model, recipe, settings, evaluated=[dataset] if dataset else [])
+    quantized.save(args.out, force=args.force, evaluate_on=dataset)
+    info = quantized.info
+    print(
+        f"exported {args.model} with {recipe.name} to {args.out}: {info['size_bytes'] / 1e6:.1f} MB "
+        f"(fp16 {info['fp16_size_bytes'] / 1e6:.1f} MB, fp32 {info['fp32_size_bytes'] / 1e6:.1f} MB); "
+        f"{args.out / 'README.md'} says how to load it"
+    )
     return 0
 
 
@@ -421,12 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="quantize a model and save it for `eval --model DIR` or the Python API's `load`",
-        epilog=_examples("whisper-ptq export --model tiny.en --recipe ct2-int8 --out exports/tiny-ct2"),
+        help="quantize a model and save it in its library's own format, with a model card",
+        description="Quantize a model and save what its quantization library's users load with that library's "
+        "own call (transformers' from_pretrained, faster-whisper, optimum-quanto...), with a README.md model card "
+        "giving the load script, sizes, recipe and versions; `eval --model DIR` and `whisper_ptq.load` reload it.",
+        epilog=_examples(
+            "whisper-ptq export --model tiny.en --recipe ct2-int8 --out exports/tiny-ct2",
+            "whisper-ptq export --model base --recipe bnb-nf4 --out exports/base-nf4 --evaluate librispeech:test-clean",
+        ),
     )
     _add_model_option(p)
     p.add_argument("--recipe", required=True, help="named recipe (see `list`), LIB:key=value,... or a recipe file")
-    p.add_argument("--out", type=Path, required=True, help="export folder (must not exist or be empty)")
+    p.add_argument("--out", type=Path, required=True, help="export folder (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--evaluate", metavar="DATASET", help="measure WER/CER/RTF on this dataset for the model card")
+    p.add_argument("--limit", type=_positive_int, help="with --evaluate: the first N utterances only")
     _add_run_options(p)
     p.set_defaults(func=cmd_export)
 

@@ -6,14 +6,17 @@ Where each reported number comes from:
   one second of speech; model load and audio decoding excluded) over the seconds of audio decoded (all of it:
   every engine transcribes recordings of any length, `engines.decoding`).
 - decoding: `settings.decoding` (language, task, beam size, fallback, conditioning), recorded in `info`.
-- size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes the same for the
-  unquantized model; size_reduction = 1 - size / fp32 size; fp16_size_bytes the unquantized model saved in fp16
-  (what OpenAI ships), the size users download.
+- size_bytes: bytes the library's own save path writes (`Backend.save`); fp32_size_bytes what transformers'
+  `save_pretrained` writes for the unquantized model (the fp32 recipe's own save), fp16_size_bytes the same
+  with the weights in fp16 (how OpenAI ships Whisper: what users download); size_reduction = 1 - size / fp32
+  size.
+- source_sha256: the SHA-256 of the unquantized weights (names, dtypes, shapes and bytes, in name order).
 - peak_rss_bytes: the process's peak resident memory (getrusage), model load and quantization included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 import time
@@ -49,9 +52,41 @@ def run_environment() -> dict[str, Any]:
 
 
 def serialized_bytes(save: Callable[[Path], None]) -> int:
-    with tempfile.TemporaryDirectory(prefix="whisper-ptq-size-") as tmp:
-        save(Path(tmp))
-        return directory_bytes(Path(tmp))
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # save_pretrained's bar: a measurement, not work the user asked for
+    try:
+        with tempfile.TemporaryDirectory(prefix="whisper-ptq-size-") as tmp:
+            save(Path(tmp))
+            return directory_bytes(Path(tmp))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def fp32_and_fp16_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """What `save_pretrained` writes for the unquantized model, in fp32 and with its weights cast to fp16
+    (tied weights cast once, so they stay tied and are stored once)."""
+    halves: dict[int, torch.Tensor] = {}
+    half_state = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key not in halves:
+            halves[key] = tensor.half() if tensor.is_floating_point() else tensor
+        half_state[name] = halves[key]
+    fp32 = serialized_bytes(model.save_pretrained)
+    fp16 = serialized_bytes(lambda d: model.save_pretrained(d, state_dict=half_state))
+    return fp32, fp16
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Identifies the unquantized weights whatever file format they came in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_language(bundle: WhisperBundle, settings: Settings) -> None:
@@ -61,20 +96,6 @@ def check_language(bundle: WhisperBundle, settings: Settings) -> None:
     token = f"<|{decoding.language}|>"
     if not bundle.english_only and decoding.language != "auto" and token not in bundle.processor.tokenizer.get_vocab():
         raise UserError(f"model {bundle.source.spec} has no language {decoding.language!r}", param="language")
-
-
-def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with floating-point tensors in fp16, tied tensors still one tensor (saved once)."""
-    halves: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            shared = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-            if shared not in halves:
-                halves[shared] = tensor.half()
-            tensor = halves[shared]
-        state[key] = tensor
-    return state
 
 
 class Quantized:
@@ -103,20 +124,22 @@ class Quantized:
         }
         bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
         check_language(bundle, settings)
-        return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, calibration_info)
+        extra = {**calibration_info, "source_sha256": weights_sha256(bundle.model)}
+        return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, extra)
 
     @classmethod
     def from_export(cls, path: Path, settings: Settings) -> Quantized:
         """An exported model: the backend restores the saved quantized weights instead of quantizing."""
-        from whisper_ptq.export import export_recipe, load_export_bundle
+        from whisper_ptq.export import export_recipe, export_source, load_export_bundle
 
         recipe = export_recipe(path)
         check_runnable(recipe, settings.device)
         bundle = load_export_bundle(path)
         check_language(bundle, settings)
         backend = backend_for(recipe)
-        restore = lambda b, r, ctx: backend.load(b, r, Path(path) / "weights", ctx)  # noqa: E731
-        return cls._build(bundle, recipe, settings, BuildContext(device=settings.device), restore, {})
+        restore = lambda b, r, ctx: backend.load(b, r, Path(path), ctx)  # noqa: E731
+        extra = {"exported_from": export_source(path)}
+        return cls._build(bundle, recipe, settings, BuildContext(device=settings.device), restore, extra)
 
     @classmethod
     def _build(
@@ -129,8 +152,7 @@ class Quantized:
         extra: dict[str, Any],
     ) -> Quantized:
         threads = set_threads(settings.threads)
-        fp32_bytes = serialized_bytes(lambda d: torch.save(bundle.model.state_dict(), d / "model.pt"))
-        fp16_bytes = serialized_bytes(lambda d: torch.save(fp16_state_dict(bundle.model), d / "model.pt"))
+        fp32_bytes, fp16_bytes = fp32_and_fp16_bytes(bundle.model)
         layers = linear_layers(bundle.model)
         backend = backend_for(recipe)
         with tempfile.TemporaryDirectory(prefix="whisper-ptq-work-") as work:
@@ -189,11 +211,15 @@ class Quantized:
             torch.cuda.synchronize()
         return transcripts, time.perf_counter() - start
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Export the model to `out_dir` (refused when it holds anything); `whisper_ptq.load` restores it."""
+    def save(self, out_dir: str | Path, *, force: bool = False, evaluate_on: Dataset | None = None) -> Path:
+        """Export the model to `out_dir`: what its library's users load, with a model card (README.md) that
+        says how. Refused when `out_dir` holds anything, unless `force` and it is an earlier export, which is
+        then replaced. `evaluate_on`: a dataset scored after saving, its WER/CER/RTF put on the model card.
+        `whisper_ptq.load` restores the export."""
         from whisper_ptq.export import write_export
 
-        write_export(self.bundle, self.recipe, self.built, Path(out_dir))
+        evaluate = (lambda: self.evaluate(evaluate_on, progress=self.settings.progress)) if evaluate_on else None
+        write_export(self, Path(out_dir), force=force, evaluate=evaluate)
         return Path(out_dir)
 
     def evaluate(

@@ -46,8 +46,9 @@ def atomic_write_files(folder: Path, files: Mapping[str, bytes | str]) -> None:
 @contextmanager
 def atomic_dir(target: Path, mode: int = 0o777) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`, renamed to `target` once the block ends without error
-    (removed otherwise). The folder's permissions follow the umask like any `mkdir` (tempfile would make it
-    private). Another process finishing the same work first wins: its result is equivalent."""
+    (removed otherwise). Permissions inside follow the umask like any `mkdir` and `open`, whatever wrote the
+    files: tempfile makes the folder private, and some writers (safetensors) make their files 0600. Another
+    process finishing the same work first wins: its result is equivalent."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)
@@ -55,8 +56,11 @@ def atomic_dir(target: Path, mode: int = 0o777) -> Iterator[Path]:
     tmp.chmod(mode & ~umask)
     try:
         yield tmp
-        for path in (tmp, *tmp.rglob("*")):
-            if path.is_file():
+        for path in tmp.rglob("*"):
+            if path.is_dir():
+                path.chmod(mode & ~umask)
+            elif path.is_file():
+                path.chmod(0o666 & ~umask)
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
         try:

@@ -3,18 +3,21 @@
 A backend turns raw parameters into a validated `Recipe` (`recipe`), checks a Recipe made elsewhere (a recipe
 file) against them (`validate`), says whether a recipe can run here
 (`check`), quantizes a loaded model into a `Transcriber` (`quantize`), and serializes the result through
-the library's own save path (`save`), which is also how size is measured.
+the library's own save path (`save`), which is also how size is measured and what an export ships. `load`
+restores what `save` wrote; `loaders` say how a user loads it without whisper-ptq (the export's model card).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import itertools
 import json
 import re
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -78,6 +81,112 @@ class Built:
     transcriber: Transcriber
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """One way to load an export in a program of one's own: a complete script, run as
+    `python transcribe.py EXPORT_DIR CLIP...`, that prints one transcript per clip. `exact`: it decodes as
+    whisper-ptq measured (same features, greedy search, same prompt), so it prints the measured transcripts."""
+
+    title: str
+    packages: tuple[str, ...]
+    script: str
+    exact: bool = True
+    note: str = ""
+
+
+WHISPER_PTQ_SCRIPT = """\
+import sys
+
+import whisper_ptq
+
+model = whisper_ptq.load(sys.argv[1])  # the recipe's own engine, restored as whisper-ptq measured it
+for clip in sys.argv[2:]:
+    print(model.transcribe(clip))
+"""
+
+
+def transformers_loader(
+    title: str, packages: Iterable[str], imports: Iterable[str], load: str, english_only: bool, note: str = ""
+) -> Loader:
+    """A script around lines that define `model` (a transformers Whisper model) from `model_dir`: the
+    processor saved beside it, then `generate` with the decoding `engines.hf.HFTranscriber` uses (greedy,
+    English, transcribe, no timestamps: the export's generation_config.json plus the language for
+    multilingual models). `imports`: the import lines `load` needs."""
+    language = "" if english_only else ', language="en", task="transcribe"'
+    header = import_block(
+        ["import sys", "import soundfile", "import torch", "from transformers import WhisperProcessor", *imports]
+    )
+    script = f"""\
+{header}
+
+model_dir = sys.argv[1]
+{load}
+processor = WhisperProcessor.from_pretrained(model_dir)
+for clip in sys.argv[2:]:
+    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, as Whisper expects
+    features = processor(audio, sampling_rate=rate, return_tensors="pt").input_features.to(model.dtype)
+    with torch.no_grad():
+        ids = model.generate(features{language})
+    print(processor.batch_decode(ids, skip_special_tokens=True)[0])
+"""
+    return Loader(title, ("transformers", "torch", "soundfile", *packages), script, note=note)
+
+
+def import_block(lines: Iterable[str]) -> str:
+    """Import lines as isort writes them: the standard library first, `from M import a, b` merged per module."""
+    plain: set[str] = set()
+    names: dict[str, set[str]] = {}
+    for line in lines:
+        words = line.split()
+        if words[0] == "import":
+            plain.add(words[1])
+        else:
+            names.setdefault(words[1], set()).update(name.strip() for name in line.split(" import ")[1].split(","))
+    modules = sorted(plain | set(names), key=lambda m: (m.split(".")[0] not in sys.stdlib_module_names, m))
+    groups: list[list[str]] = [[], []]
+    for module in modules:
+        group = groups[module.split(".")[0] not in sys.stdlib_module_names]
+        if module in plain:
+            group.append(f"import {module}")
+        if module in names:
+            group.append(f"from {module} import {', '.join(sorted(names[module]))}")
+    return "\n\n".join("\n".join(group) for group in groups if group)
+
+
+@contextlib.contextmanager
+def _attributes(target: Any, values: dict[str, Any]) -> Iterator[None]:
+    """Set attributes for the duration of the block, then restore them (or remove those that were absent)."""
+    missing = object()
+    old = {name: getattr(target, name, missing) for name in values}
+    for name, value in values.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is missing:
+                delattr(target, name)
+            else:
+                setattr(target, name, value)
+
+
+def save_transformers(model: Any, out_dir: Path, quantization_config: Any = None, quantizer: Any = None) -> None:
+    """`save_pretrained` of a model quantized outside transformers, so that `from_pretrained(out_dir)` loads
+    it: config.json names the `quantization_config` transformers must rebuild the layers with, a head no
+    longer tied to the embedding is saved untied, and `quantizer` (a transformers HfQuantizer) flattens
+    tensor subclasses for safetensors as it does when transformers quantized the model itself. The live
+    model is left as it was."""
+    config = model.config
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    overrides: dict[str, Any] = {"quantization_config": quantization_config} if quantization_config else {}
+    if getattr(head, "weight", None) is not getattr(embedding, "weight", None):
+        overrides["tie_word_embeddings"] = False
+    with _attributes(config, overrides), _attributes(model, {"hf_quantizer": quantizer} if quantizer else {}):
+        # save_original_format=False: the weights are saved as they are; transformers would otherwise try to
+        # reverse the conversions a pre-quantized load attached (and cannot: TorchAoDeserialize has no reverse)
+        model.save_pretrained(out_dir, save_original_format=False)
 
 
 class Backend(ABC):
@@ -178,8 +287,9 @@ class Backend(ABC):
         """Quantize `bundle.model` (a WhisperBundle) in place where possible and return a runnable model."""
 
     def save(self, quantized: Built, out_dir: Path) -> None:
-        """Serialize through the library's own save path. The default: torch.save of the state dict, which
-        is how torch/torchao/HQQ/bitsandbytes tensors (packed, with scales) serialize themselves."""
+        """Serialize through the library's own save path, in the form its users load (an export ships what
+        this writes). The default: torch.save of the state dict, which is how torch.ao, HQQ and torchao's int4
+        tensors (packed, with scales) serialize themselves."""
         import torch
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +298,18 @@ class Backend(ABC):
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """Rebuild a quantized model from what `save` wrote, on top of the unquantized `bundle` (export)."""
         raise UserError(f"{self.library} models cannot be exported and reloaded by whisper-ptq")
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        """How a user loads what `save` wrote (with the export's config and processor files), the library's
+        own way first. The default: whisper-ptq's loader, for engines no other library can run."""
+        return [
+            Loader(
+                "whisper-ptq",
+                ("whisper-ptq",),
+                WHISPER_PTQ_SCRIPT,
+                note=f"No other library loads {self.library} models of this recipe: whisper-ptq rebuilds them.",
+            )
+        ]
 
 
 def decided_fields(recipe: Recipe) -> dict[str, Any]:

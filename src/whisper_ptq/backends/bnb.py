@@ -13,6 +13,10 @@ CPU caveats found by reading bnb 0.50.2:
   and in bf16: the file and the live model are both corrupted. `save` refuses that case (save before the
   first transcription, as the evaluator does).
 - LLM.int8 casts activations to fp16 and logs that on every matmul call; the notice is filtered out.
+
+`save` writes what transformers' own bitsandbytes integration saves (`BitsAndBytesConfig` in config.json,
+the bnb modules' state dicts in model.safetensors), so `WhisperForConditionalGeneration.from_pretrained`
+loads an export on CPU or GPU; the config is read back from the layers, which carry their settings.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
     Built,
+    Loader,
     Param,
     replace_linears_,
+    save_transformers,
     target_linears,
+    transformers_loader,
 )
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
@@ -111,12 +118,12 @@ class BitsAndBytesBackend(Backend):
         return self._quantized(model, bundle, recipe, ctx)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
-        import torch
+        from safetensors.torch import load_file
 
-        path = saved_dir / "model.pt"
+        path = saved_dir / "model.safetensors"
         if not path.is_file():
-            raise UserError(f"{saved_dir} holds no bitsandbytes model (model.pt is missing)")
-        state = torch.load(path, map_location=ctx.device, weights_only=True)
+            raise UserError(f"{saved_dir} holds no bitsandbytes model (model.safetensors is missing)")
+        state = load_file(path, device=str(ctx.device))
         model = bundle.model
         replace_linears_(model, target_linears(model, recipe), lambda linear: empty_linear(linear, recipe))
         for name in bnb_layers(model):
@@ -133,7 +140,21 @@ class BitsAndBytesBackend(Backend):
                 "bitsandbytes cannot save a 4-bit model after its fused CPU kernel has repacked the weights "
                 "(its inverse conversion corrupts the scales); save before transcribing"
             )
-        super().save(quantized, out_dir)
+        save_transformers(quantized.model, out_dir, transformers_config(quantized.model))
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
+        note = "transformers rebuilds the bitsandbytes layers from the `quantization_config` in config.json."
+        if recipe.weights != "int8" and recipe.option("compute_dtype") == "fp32":
+            # transformers' Linear4bit keeps bnb's default: the fused bf16 CPU kernel where the CPU has it
+            imports.append("from bitsandbytes.nn import Linear4bit")
+            load += (
+                "\nfor module in model.modules():  # compute in fp32 as measured, not in bnb's fused bf16 CPU kernel"
+                "\n    if isinstance(module, Linear4bit):"
+                "\n        module.support_avx512bf16_for_cpu = False"
+            )
+        return [transformers_loader("transformers", ("bitsandbytes", "accelerate"), imports, load, english_only, note)]
 
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
@@ -178,6 +199,30 @@ def refuse_4bit_options(name: str, values: dict[str, OptionValue]) -> None:
     for key, default in defaults.items():
         if values[key] != default:
             raise UserError(f"recipe {name!r}: {key} applies to the 4-bit formats (nf4, fp4) only, not int8")
+
+
+def transformers_config(model: nn.Module) -> Any:
+    """The `BitsAndBytesConfig` transformers needs to rebuild the model's layers: read from the layers
+    themselves, every Linear left unconverted named in `llm_int8_skip_modules`. The 4-bit block size has no
+    config field: it is stored with each layer's quantization state, which transformers restores."""
+    import bitsandbytes as bnb
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+
+    layers = [model.get_submodule(name) for name in bnb_layers(model)]
+    skip = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    first = layers[0]
+    if isinstance(first, bnb.nn.Linear8bitLt):
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=first.state.threshold, llm_int8_skip_modules=skip
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=first.weight.quant_type,
+        bnb_4bit_compute_dtype=first.compute_dtype,
+        bnb_4bit_use_double_quant=first.weight.compress_statistics,
+        llm_int8_skip_modules=skip,
+    )
 
 
 def bnb_layers(model: nn.Module) -> list[str]:

@@ -9,17 +9,21 @@ What CTranslate2 quantizes (read back from model.bin): every Linear, both encode
 embedding, which is also the tied output projection; int8 is symmetric per output row, int16 one scale per
 tensor. Its int8 GEMM quantizes activations per row at run time. On x86 CPUs it uses Intel MKL only on Intel
 processors (oneDNN elsewhere), and int16 exists only through MKL: on AMD run with CT2_USE_MKL=1 to get it.
+
+An export is a faster-whisper model folder: the converted model.bin, config.json and vocabulary.json, with the
+tokenizer.json and preprocessor_config.json the export adds beside them.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
 
@@ -137,6 +141,68 @@ class CTranslate2Backend(Backend):
             raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
         transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, compute_type(recipe), ctx.device)
         return Built(transcriber, saved_dir, ct2_info(transcriber))
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        from whisper_ptq.engines.ct2 import PROMPT_ENGLISH_ONLY, PROMPT_MULTILINGUAL
+
+        device = "cpu" if "cpu" in recipe.devices else "cuda"
+        kind = compute_type(recipe)
+        faster_whisper = f"""\
+import sys
+
+from faster_whisper import WhisperModel
+
+model = WhisperModel(sys.argv[1], device="{device}", compute_type="{kind}")
+for clip in sys.argv[2:]:
+    segments, _ = model.transcribe(
+        clip, language="en", beam_size=1, temperature=0.0, without_timestamps=True, condition_on_previous_text=False
+    )
+    print("".join(segment.text for segment in segments))
+"""
+        prompt = list(PROMPT_ENGLISH_ONLY if english_only else PROMPT_MULTILINGUAL)
+        exact = f"""\
+import sys
+
+import ctranslate2
+import numpy as np
+import soundfile
+from transformers import WhisperProcessor
+
+model_dir = sys.argv[1]
+model = ctranslate2.models.Whisper(model_dir, device="{device}", compute_type="{kind}")
+processor = WhisperProcessor.from_pretrained(model_dir)
+prompt = processor.tokenizer.convert_tokens_to_ids({json.dumps(prompt)})
+for clip in sys.argv[2:]:
+    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, as Whisper expects
+    features = processor.feature_extractor(audio, sampling_rate=rate, return_tensors="np").input_features
+    results = model.generate(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(features, np.float32)),
+        [prompt],
+        beam_size=1,
+        max_length=2 * (448 - len(prompt)),  # stops where transformers' generate stops
+        suppress_blank=True,
+        suppress_tokens=[-1],
+    )
+    print(processor.tokenizer.decode(results[0].sequences_ids[0], skip_special_tokens=True))
+"""
+        return [
+            Loader(
+                "faster-whisper",
+                ("faster-whisper",),
+                faster_whisper,
+                exact=False,
+                note="faster-whisper pads the log-mel frames as OpenAI's whisper does (zeros after the audio's "
+                "frames), not the audio as transformers does, so a transcript can differ by a word from the "
+                "measured one.",
+            ),
+            Loader(
+                "ctranslate2",
+                ("ctranslate2", "transformers", "soundfile"),
+                exact,
+                note="CTranslate2 itself, decoding as whisper-ptq measured: transformers' features, greedy search, "
+                "the same prompt and length limit.",
+            ),
+        ]
 
 
 def compute_type(recipe: Recipe) -> str:

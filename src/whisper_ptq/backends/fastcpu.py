@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 KINDS = ("int8", "fp32")
 SENSITIVE = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names
+STATE_FILE = "model.pt"
 ATTENTIONS = ("sdpa", "bf16")  # the keys of engines.fast.ENCODER_ATTENTION
 # What `keep` names, as regexes over transformers module names (Recipe.keep). The first encoder layer's
 # attention input has outlier channels (LayerNorm output of the conv stem): the one place where per-token int8
@@ -145,6 +147,19 @@ class FastCPUBackend(Backend):
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
+        return self._built(bundle, recipe)
+
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
+        """The engine rebuilt over the export's architecture, its saved buffers restored before compiling."""
+        import torch
+
+        path = saved_dir / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"{saved_dir} holds no fast-engine model ({STATE_FILE} is missing)")
+        state = torch.load(path, weights_only=True)
+        return self._built(bundle, recipe, state)
+
+    def _built(self, bundle: Any, recipe: Recipe, state: dict[str, Any] | None = None) -> Built:
         import torch
 
         from whisper_ptq.engines.fast import SHORTLIST, FastTranscriber
@@ -162,6 +177,9 @@ class FastCPUBackend(Backend):
             stem=stem,
             decoder_threads=threads or None,
         )
+        if state is not None:
+            transcriber.encoder.load_state_dict(state["encoder"])
+            transcriber.decoder.load_state_dict(state["decoder"])
         info: dict[str, Any] = {
             "engine": "whisper_ptq.engines.fast.FastTranscriber (greedy loop, preallocated KV cache)",
             "linears": "fused q/k/v; int8: per-channel symmetric weights, per-token symmetric activations, "
@@ -182,7 +200,7 @@ class FastCPUBackend(Backend):
             info["compile_seconds"] = compile_encoder(transcriber, frames, config.num_mel_bins)
         return Built(transcriber, None, info)
 
-    def save(self, quantized: Built, out_dir: Any) -> None:
+    def save(self, quantized: Built, out_dir: Path) -> None:
         """The engine's own weights (int8 and fp32 buffers, encoder and decoder) through torch.save."""
         import torch
 
@@ -190,4 +208,4 @@ class FastCPUBackend(Backend):
         transcriber = quantized.transcriber
         encoder = getattr(transcriber.encoder, "_orig_mod", transcriber.encoder)
         state = {"encoder": encoder.state_dict(), "decoder": transcriber.decoder.state_dict()}
-        torch.save(state, out_dir / "model.pt")
+        torch.save(state, out_dir / STATE_FILE)

@@ -11,7 +11,9 @@ hqq's model-level helpers do not fit Whisper: `AutoHQQHFModel.from_quantized` re
 (`WhisperModel`, no LM head) and its `save_quantized` writes the tied embedding/head weight twice. So
 `save` writes the model's state dict, in which each HQQLinear serializes itself (`HQQLinear.state_dict`:
 packed weights, scales, zeros and its quantization settings), and `load` swaps empty HQQLinears in where
-the saved state has quantized weights and lets `HQQLinear.load_state_dict` restore them.
+the saved state has quantized weights and lets `HQQLinear.load_state_dict` restore them. transformers 5 cannot
+load HQQ models either (its HQQ quantizer raises NotImplementedError on load), so an export's loader does
+what `load` does, with HQQ's and torch's public calls.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
     Built,
+    Loader,
     Param,
     head_kept,
     keep_head_param,
     replace_linears_,
     target_linears,
+    transformers_loader,
 )
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
@@ -131,6 +135,27 @@ class HQQBackend(Backend):
         replace_linears_(model, names, lambda _linear: hqq_linear(None, None, ctx.device))
         model.load_state_dict(state)
         return self._quantized(model, bundle, recipe, ctx)
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        imports = [
+            "from hqq.core.quantize import HQQLinear",
+            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration",
+        ]
+        load = f"""\
+model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(model_dir))
+state = torch.load(f"{{model_dir}}/{STATE_FILE}", weights_only=True)
+for name in {{key.removesuffix(".W_q") for key in state if key.endswith(".W_q")}}:  # HQQ's packed weights
+    empty = HQQLinear(None, None, compute_dtype=torch.float32, device="cpu", initialize=False)
+    model.set_submodule(name, empty)  # load_state_dict restores its weights and settings
+model.load_state_dict(state)
+model.generation_config = GenerationConfig.from_pretrained(model_dir)
+model.eval()"""
+        note = (
+            "transformers 5 cannot load HQQ models (its HQQ quantizer raises NotImplementedError) and hqq's "
+            "`AutoHQQHFModel.from_quantized` rebuilds a Whisper without its LM head, so the HQQLinear layers "
+            "are put in place by hand, as whisper-ptq does."
+        )
+        return [transformers_loader("hqq", ("hqq",), imports, load, english_only, note)]
 
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:

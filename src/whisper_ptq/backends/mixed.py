@@ -155,13 +155,13 @@ class MixedBackend(Backend):
             _check_in_place(model, quantized, entry, quantized_linears(model, linears) - done)
             steps.append({"group": entry.group, "recipe": entry.recipe.name, "modules": len(names), **quantized.info})
         tied = _tie_head_(model, plan, selected)
-        return self._quantized(model, bundle, ctx, tied, {"plan": steps})
+        return self._quantized(model, bundle, ctx, tied, {"plan": steps, "libraries": _libraries(plan)})
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         """One library's load restores every layer it saved (HQQ layers carry their own settings), so a plan
         that mixes libraries cannot be reloaded; its entries are loaded as one recipe over their union."""
         plan = plan_of(recipe)
-        libraries = sorted({entry.recipe.library for entry in plan})
+        libraries = _libraries(plan)
         if len(libraries) > 1:
             raise UserError(f"mixed recipe {recipe.name!r} mixes {', '.join(libraries)}: it cannot be reloaded")
         model = bundle.model.to(ctx.device)
@@ -169,7 +169,17 @@ class MixedBackend(Backend):
         tied = _tie_head_(model, plan, _selections(model, plan))
         union = replace(plan[0].recipe, modules=tuple(p for entry in plan for p in entry.modules))
         loaded = _backend(union).load(bundle, union, saved_dir, ctx)
-        return self._quantized(loaded.model, bundle, ctx, tied, loaded.info)
+        return self._quantized(loaded.model, bundle, ctx, tied, {**loaded.info, "libraries": libraries})
+
+    def save(self, quantized: Built, out_dir: Path) -> None:
+        """A one-library plan is saved by that library, in the form its `load` reads back."""
+        from whisper_ptq.backends import BACKENDS  # the registry imports this module
+
+        libraries = quantized.info["libraries"]
+        if len(libraries) == 1:
+            BACKENDS[libraries[0]].save(quantized, out_dir)
+        else:
+            super().save(quantized, out_dir)
 
     @staticmethod
     def _quantized(model: nn.Module, bundle: Any, ctx: BuildContext, tied: bool, info: dict[str, Any]) -> Built:
@@ -186,6 +196,10 @@ def _backend(recipe: Recipe) -> Backend:
     from whisper_ptq.backends import backend_for  # the registry imports this module
 
     return backend_for(recipe)
+
+
+def _libraries(plan: list[PlanEntry]) -> list[str]:
+    return sorted({entry.recipe.library for entry in plan})
 
 
 def _selections(model: nn.Module, plan: list[PlanEntry]) -> list[set[str]]:

@@ -25,6 +25,11 @@ Three things found by running quanto 0.2.7 with torch 2.13 / transformers 5 (see
   decision lives in removed forward hooks, in neither the state dict nor `quantization_map`, so `save`
   records it and `load` replays it: a reloaded model would otherwise quantize every Linear output.
 
+`save` lays the model out as quanto's own `QuantizedTransformersModel.save_pretrained` does (transformers'
+model.safetensors and config.json, `quanto_qmap.json`), plus the streamline record. transformers cannot load
+it (its Quanto integration quantizes on load only and is not serializable); `optimum.quanto.requantize`
+rebuilds it on an empty model, which is what the export's loader does.
+
 Attention is set to transformers' SDPA, the fp32 reference's default, and recorded. "eager" runs too (checked
 on tiny.en): after calibration both get float q/k/v; they differ only in the one calibration pass before
 streamline applies, where eager attention multiplies int8 q/k and requantizes the softmax.
@@ -40,10 +45,13 @@ from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
     Built,
+    Loader,
     Param,
     head_kept,
     keep_head_param,
+    save_transformers,
     target_linears,
+    transformers_loader,
 )
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
@@ -63,7 +71,7 @@ ATTENTION = "sdpa"
 CALIBRATION_MOMENTUM = 0.9
 CALIBRATION_BATCH = 8
 STATE_FILE = "model.safetensors"
-MAP_FILE = "quantization_map.json"
+MAP_FILE = "quanto_qmap.json"  # the name QuantizedTransformersModel gives it
 STREAMLINE_FILE = "streamline.json"
 
 
@@ -217,16 +225,14 @@ class QuantoBackend(Backend):
         return Built(transcriber, model, {**self._info(model, recipe), **info})
 
     def save(self, quantized: Built, out_dir: Path) -> None:
-        """quanto's serialization: safetensors state dict + `quantization_map` JSON (see `requantize`)."""
+        """quanto's serialization: the safetensors state dict + the `quantization_map` (see `requantize`)."""
         from optimum.quanto import quantization_map
-        from safetensors.torch import save_model
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         model = quantized.model
-        # save_model, not save_file: it stores the tied embedding/head weight once instead of refusing it.
-        save_model(model, str(out_dir / STATE_FILE))
+        save_transformers(model, out_dir)
         (out_dir / MAP_FILE).write_text(json.dumps(quantization_map(model), indent=1) + "\n")
-        (out_dir / STREAMLINE_FILE).write_text(json.dumps({"output_unquantized": output_unquantized(model)}))
+        if unquantized := output_unquantized(model):
+            (out_dir / STREAMLINE_FILE).write_text(json.dumps({"output_unquantized": unquantized}) + "\n")
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         import torch
@@ -235,17 +241,48 @@ class QuantoBackend(Backend):
 
         from whisper_ptq.engines.hf import HFTranscriber
 
-        paths = [saved_dir / name for name in (STATE_FILE, MAP_FILE, STREAMLINE_FILE)]
-        missing = [path.name for path in paths if not path.is_file()]
+        missing = [name for name in (STATE_FILE, MAP_FILE) if not (saved_dir / name).is_file()]
         if missing:
             raise UserError(f"{saved_dir} holds no quanto model ({', '.join(missing)} missing)")
         model = self._prepare(bundle, ctx)
-        state = load_file(str(paths[0]), device=str(ctx.device))
-        requantize(model, state, json.loads(paths[1].read_text()), device=torch.device(ctx.device))
-        for name in json.loads(paths[2].read_text())["output_unquantized"]:
+        state = load_file(str(saved_dir / STATE_FILE), device=str(ctx.device))
+        qmap = json.loads((saved_dir / MAP_FILE).read_text())
+        requantize(model, state, qmap, device=torch.device(ctx.device))
+        if HEAD not in qmap:  # saved once, as the embedding; requantize gave the head a parameter of its own
+            model.get_submodule(HEAD).weight = model.get_input_embeddings().weight
+        streamline = saved_dir / STREAMLINE_FILE
+        for name in json.loads(streamline.read_text())["output_unquantized"] if streamline.is_file() else ():
             model.get_submodule(name).disable_output_quantization()
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device)
         return Built(transcriber, model, self._info(model, recipe))
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        imports = [
+            "import json",
+            "from optimum.quanto import requantize",
+            "from safetensors.torch import load_file",
+            "from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration",
+        ]
+        load = f"""\
+with torch.device("meta"):  # an empty model: requantize swaps in quanto's layers, then loads the weights
+    model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(model_dir))
+with open(f"{{model_dir}}/{MAP_FILE}") as handle:
+    requantize(model, load_file(f"{{model_dir}}/{STATE_FILE}"), json.load(handle))
+model.tie_weights()  # an fp32 head is stored once, as the token embedding
+model.generation_config = GenerationConfig.from_pretrained(model_dir)
+model.eval()"""
+        if recipe.activations:
+            load += f"""
+with open(f"{{model_dir}}/{STREAMLINE_FILE}") as handle:  # outputs calibration left unquantized
+    for name in json.load(handle)["output_unquantized"]:
+        model.get_submodule(name).disable_output_quantization()"""
+        note = (
+            "transformers' Quanto integration cannot save or load quantized weights; "
+            "`optimum.quanto.requantize` rebuilds the model from model.safetensors and quanto_qmap.json."
+        )
+        return [
+            transformers_loader("optimum-quanto", ("optimum-quanto", "safetensors"), imports, load, english_only, note)
+        ]
 
     @staticmethod
     def _prepare(bundle: Any, ctx: BuildContext) -> nn.Module:

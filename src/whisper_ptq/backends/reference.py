@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param, transformers_loader
+from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
@@ -41,3 +43,20 @@ class ReferenceBackend(Backend):
         model = bundle.model.to(device=ctx.device, dtype=dtype)
         transcriber = HFTranscriber(model, bundle.processor, device=ctx.device, input_dtype=dtype)
         return Built(transcriber, model)
+
+    def save(self, quantized: Built, out_dir: Path) -> None:
+        """A transformers model folder (config.json, generation_config.json, model.safetensors)."""
+        quantized.model.save_pretrained(out_dir)
+
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
+        from transformers import WhisperForConditionalGeneration
+
+        if not (saved_dir / "model.safetensors").is_file():
+            raise UserError(f"{saved_dir} holds no transformers model (model.safetensors is missing)")
+        bundle.model = WhisperForConditionalGeneration.from_pretrained(saved_dir).eval()
+        return self.quantize(bundle, recipe, ctx)
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
+        return [transformers_loader("transformers", (), imports, load, english_only)]

@@ -6,6 +6,12 @@ dict keys and `generate()` stay those of transformers. int4 uses the prototype `
 has no CPU packing format (plain/preshuffled need the CUDA-only mslk package, plain_int32 is XPU/NPU only,
 tile_packed_to_4d is CUDA tinygemm). That kernel is fast only with bf16 activations (fp32 input takes a
 slow path, ~30x slower than fp32 nn.Linear at 1500 tokens), so int4 recipes run the whole model in bf16.
+
+`save` writes what transformers' torchao integration saves (`TorchAoConfig` in config.json, tensor subclasses
+flattened into model.safetensors by torchao's safetensors support) wherever torchao can flatten the weights'
+subclass, so `WhisperForConditionalGeneration.from_pretrained` loads the export. torchao 0.18 cannot
+flatten Int4OpaqueTensor (the CPU int4 layout): int4 models are saved with torch.save, for whisper-ptq's
+loader.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ from whisper_ptq.backends.base import (
     Backend,
     BuildContext,
     Built,
+    Loader,
     Param,
     head_info,
     keep_head_param,
+    save_transformers,
     targets,
+    transformers_loader,
 )
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import HEAD
@@ -51,18 +60,29 @@ KERNELS = {
 
 
 def torchao_config(recipe: Recipe) -> Any:
-    """The torchao config object for a recipe. `set_inductor_config=False`: we run eager, and the default
+    return mode_config(str(recipe.option("mode")), recipe.group_size)
+
+
+def mode_config(mode: str, group_size: int | None = None) -> Any:
+    """The torchao config object for a mode. `set_inductor_config=False`: we run eager, and the default
     True rewrites global torch._inductor settings as a side effect of quantizing."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
-    mode = recipe.option("mode")
     if mode == "int8-dynamic":
         return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
     if mode == "int8-weight-only":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-    return PrototypeInt4WeightOnlyConfig(group_size=recipe.group_size, set_inductor_config=False)
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
+
+
+def transformers_serializable(model: nn.Module) -> bool:
+    """Whether torchao's safetensors support (what transformers saves torchao models with) can flatten every
+    quantized weight of the model."""
+    from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
+
+    return set(quantized_weights(model).values()) <= set(ALLOWED_TENSORS_SUBCLASSES)
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:
@@ -88,6 +108,14 @@ def quantized_weights(model: nn.Module) -> dict[str, str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and isinstance(module.weight, TorchAOBaseTensor)
     }
+
+
+def int8_mode(model: nn.Module) -> str:
+    """The mode a model's Int8Tensor weights were made by: dynamic ones carry their activation settings."""
+    from torchao.utils import TorchAOBaseTensor
+
+    weight = next(m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), TorchAOBaseTensor))
+    return "int8-weight-only" if getattr(weight, "act_quant_kwargs", None) is None else "int8-dynamic"
 
 
 class TorchaoBackend(Backend):
@@ -146,15 +174,47 @@ class TorchaoBackend(Backend):
         quantize_linears_(model, recipe)
         return self._quantized(model, bundle, recipe, ctx)
 
+    def save(self, quantized: Built, out_dir: Path) -> None:
+        model = quantized.model
+        if not transformers_serializable(model):
+            super().save(quantized, out_dir)
+            return
+        from torch import nn
+        from transformers import TorchAoConfig
+        from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+        quantized_names = quantized_weights(model)
+        plain = [
+            name for name, module in model.named_modules() if type(module) is nn.Linear and name not in quantized_names
+        ]
+        config = TorchAoConfig(mode_config(int8_mode(model)), modules_to_not_convert=plain)
+        save_transformers(model, out_dir, config, TorchAoHfQuantizer(config))
+
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
-        # The saved tensors are the quantized subclasses themselves; assign=True puts them in place of the
-        # full-precision parameters (copying into those would dequantize them).
         import torch
 
+        if (saved_dir / "model.safetensors").is_file():
+            from transformers import WhisperForConditionalGeneration
+
+            model = WhisperForConditionalGeneration.from_pretrained(saved_dir).to(ctx.device).eval()
+            return self._quantized(model, bundle, recipe, ctx)
+        # torch.save kept the quantized subclasses themselves; assign=True puts them in place of the
+        # full-precision parameters (copying into those would dequantize them).
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
         model = self._base_model(bundle, recipe, ctx)
-        state = torch.load(saved_dir / "model.pt", map_location=ctx.device, weights_only=True)
+        with torch.serialization.safe_globals([Int4OpaqueTensor]):  # the one layout saved this way
+            state = torch.load(saved_dir / "model.pt", map_location=ctx.device, weights_only=True)
         model.load_state_dict(state, assign=True)
         return self._quantized(model, bundle, recipe, ctx)
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        if recipe.weights == "int4":
+            return super().loaders(recipe, english_only)
+        load = "model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()"
+        imports = ["from transformers import WhisperForConditionalGeneration"]
+        note = "transformers rebuilds the torchao tensor subclasses from the `quantization_config` in config.json."
+        return [transformers_loader("transformers", ("torchao",), imports, load, english_only, note)]
 
     @staticmethod
     def _base_model(bundle: Any, recipe: Recipe, ctx: BuildContext) -> nn.Module:

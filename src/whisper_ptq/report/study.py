@@ -243,7 +243,8 @@ def main_table(systems: Sequence[System], layout: Layout) -> Table:
         f"Utterances per dataset: {', '.join(f'{k} {v}' for k, v in counts.items())}.",
         _rtf_note(systems, layout, sizes, labels),
         "Size: bytes the library's own save path writes; vs fp32 / vs fp16: that size relative to the unquantized "
-        f"model saved by torch.save in fp32{_baseline_sizes(systems)} and in fp16 (the precision OpenAI ships). "
+        f"model saved by transformers' save_pretrained in fp32{_baseline_sizes(systems)} and in fp16 (the precision "
+        "OpenAI ships). "
         "Bits/weight: mean stored bits per weight of the linear layers.",
     ]
     notes += [note for s in systems if not s.baseline for note in [_precision_note(s)] if note]
