@@ -20,8 +20,9 @@ on rows that already finished. This module reuses the model's weights but runs i
 
 The decoding rules are those of transformers' Whisper `generate` for short-form English transcription without
 timestamps: the same prompt, `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated
-position, stop at `<|endoftext|>` or at `max_length` tokens, greedy argmax. With fp32 linears and head the
-output equals transformers' token for token (tests/test_backend_fastcpu.py).
+position, stop at `<|endoftext|>` or at `max_length` tokens, greedy argmax; the loop is the one every engine with
+its own encoder/decoder shares (`engines/decoding.py`). With fp32 linears and head the output equals
+transformers' token for token (tests/test_backend_fastcpu.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from whisper_ptq.data import SAMPLE_RATE
+from whisper_ptq.engines.decoding import DecodingRules, greedy_decode
 
 # Guards the per-row scale of an all-zero row (the int8 values are then all zero anyway).
 MIN_SCALE = 1e-12
@@ -356,33 +358,25 @@ class FastDecoder(nn.Module):
         return self.norm(x[:, -1])
 
 
+class FastDecoderState:
+    """The shared loop's `DecoderState` over `FastDecoder`: its preallocated caches, from which finished rows
+    are dropped once, in place."""
+
+    def __init__(self, decoder: FastDecoder, encoded: torch.Tensor, max_length: int):
+        self.decoder = decoder
+        self.cross = decoder.cross_keys_values(encoded)
+        self.cache = decoder.new_cache(encoded.shape[0], max_length)
+
+    def step(self, tokens: np.ndarray, start: int, suppress: np.ndarray) -> np.ndarray:
+        hidden = self.decoder(torch.from_numpy(tokens), start, self.cache, self.cross)
+        return self.decoder.head(hidden, torch.from_numpy(suppress)).numpy()
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache = [layer_cache.keep(rows) for layer_cache in self.cache]
+        self.cross = [tuple(keep_rows(keys_values, rows)) for keys_values in self.cross]
+
+
 # ----------------------------------------------------------------------------------------------- transcriber
-
-
-@dataclass(frozen=True)
-class DecodingRules:
-    """What transformers' Whisper `generate` does for greedy short-form transcription without timestamps."""
-
-    prompt: tuple[int, ...]
-    suppress: tuple[int, ...]
-    begin_suppress: tuple[int, ...]
-    eos: int
-    max_length: int
-
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any) -> DecodingRules:
-        config = model.generation_config
-        special = ["<|startoftranscript|>"]
-        if getattr(config, "is_multilingual", False):
-            special += ["<|en|>", "<|transcribe|>"]
-        special.append("<|notimestamps|>")
-        return cls(
-            prompt=tuple(tokenizer.convert_tokens_to_ids(special)),
-            suppress=tuple(config.suppress_tokens or ()),
-            begin_suppress=tuple(config.begin_suppress_tokens or ()),
-            eos=int(config.eos_token_id),
-            max_length=min(int(config.max_length), int(model.config.max_target_positions)),
-        )
 
 
 @contextlib.contextmanager
@@ -424,8 +418,6 @@ class FastTranscriber:
         self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind).eval()
         self.rules = DecodingRules.from_model(model, processor.tokenizer)
         self.decoder_threads = decoder_threads
-        self._suppress = torch.tensor(self.rules.suppress, dtype=torch.long)
-        self._suppress_first = torch.tensor(sorted({*self.rules.suppress, *self.rules.begin_suppress}))
 
     def modules(self) -> Iterator[nn.Module]:
         """Every module of the (uncompiled) encoder and the decoder."""
@@ -449,31 +441,9 @@ class FastTranscriber:
             return self._decode(encoded)
 
     def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
-        """Greedy decoding of the whole batch in lockstep; an utterance leaves the batch at its `eos` (its rows
-        of the caches are dropped, once, in place), so the steps of the longest one cost only its own row, where
-        transformers keeps computing finished rows."""
-        rules, batch = self.rules, encoded.shape[0]
-        cross = self.decoder.cross_keys_values(encoded)
-        cache = self.decoder.new_cache(batch, rules.max_length)
-        ids = torch.full((batch, rules.max_length), rules.eos)
-        ids[:, : len(rules.prompt)] = torch.tensor(rules.prompt)
-        rows = torch.arange(batch)  # the batch row of each active row
-        hidden = self.decoder(ids[:, : len(rules.prompt)], 0, cache, cross)
-        position = len(rules.prompt)
-        while True:
-            suppress = self._suppress_first if position == len(rules.prompt) else self._suppress
-            token = self.decoder.head(hidden, suppress)
-            ids[rows, position] = token
-            going = token != rules.eos
-            position += 1
-            if not bool(going.any()) or position == rules.max_length:
-                return ids[:, :position]
-            if not bool(going.all()):
-                kept = going.nonzero().view(-1).tolist()
-                rows, token = rows[going], token[going]
-                cache = [layer_cache.keep(kept) for layer_cache in cache]
-                cross = [tuple(keep_rows(keys_values, kept)) for keys_values in cross]
-            hidden = self.decoder(token[:, None], position - 1, cache, cross)
+        """Greedy decoding of the whole batch in lockstep by the shared loop (`decoding.greedy_decode`)."""
+        state = FastDecoderState(self.decoder, encoded, self.rules.max_length)
+        return torch.from_numpy(greedy_decode(state, encoded.shape[0], self.rules))
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         ids = self.generate(self.features(audios))
