@@ -18,12 +18,13 @@ An engine plugs in as a `StepDecoder`, three calls:
 
 `step` returns the choice rather than the logits so that an engine may choose without computing every
 logit in full precision (the fast engine's int8 shortlist head); engines that compute logits use
-`greedy_choice`.
+`greedy_choice`. Runtimes that run the exported graphs of `engines/graphs.py` share `GraphDecoderState`:
+they differ only in the function that runs the decoder graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +80,30 @@ def greedy_choice(logits: np.ndarray, suppress: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1).astype(np.int64)
 
 
+class GraphDecoderState:
+    """`DecoderState` over an exported decoder graph (`engines.graphs.DecoderGraph`) run by `run`: feeds (input
+    name -> array) -> outputs (logits, then the present keys/values). `cross` holds the encoder graph's
+    cross-attention keys/values, (batch, heads, frames, head_dim) each, two per layer."""
+
+    def __init__(self, run: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]], cross: Sequence[np.ndarray]):
+        from whisper_ptq.engines.graphs import layer_names
+
+        self.run, self.cross, self.names = run, list(cross), layer_names(len(cross) // 2)
+        batch, heads, _, head_dim = cross[0].shape
+        self.past = [np.zeros((batch, heads, 0, head_dim), np.float32)] * len(cross)
+
+    def step(self, tokens: np.ndarray, start: int, suppress: np.ndarray) -> np.ndarray:
+        layers = zip(self.past[0::2], self.past[1::2], self.cross[0::2], self.cross[1::2], strict=True)
+        caches = [cache for layer in layers for cache in layer]
+        feeds = {"input_ids": np.ascontiguousarray(tokens), **dict(zip(self.names, caches, strict=True))}
+        logits, *self.past = self.run(feeds)
+        return greedy_choice(np.array(logits, dtype=np.float32), suppress)  # a copy: runtimes may own the output
+
+    def keep(self, rows: list[int]) -> None:
+        self.past = [p[rows] for p in self.past]
+        self.cross = [c[rows] for c in self.cross]
+
+
 def greedy_decode(state: DecoderState, batch: int, rules: DecodingRules) -> np.ndarray:
     """Greedy token ids, prompt included, (batch, length); finished rows are padded with `eos`. The whole batch
     decodes in lockstep; an utterance leaves at its `eos` (`state.keep`), so the steps of the longest one cost
@@ -103,15 +128,32 @@ def greedy_decode(state: DecoderState, batch: int, rules: DecodingRules) -> np.n
         token = state.step(token[:, None], position - 1, suppress)
 
 
-class StepTranscriber:
-    """`Transcriber` over a `StepDecoder`: transformers' feature extraction, `greedy_decode`, the tokenizer."""
+def decoder_feeds(decoder: StepDecoder, features: np.ndarray, rules: DecodingRules) -> list[dict[str, np.ndarray]]:
+    """The decoder graph's inputs at every step of greedy decoding `features` (a decoder whose states are
+    `GraphDecoderState`s): calibration data for static quantization of the decoder graph."""
+    state = decoder.start(decoder.encode(features), rules.max_length)
+    feeds: list[dict[str, np.ndarray]] = []
+    run = state.run
+    state.run = lambda step_feeds: (feeds.append(step_feeds), run(step_feeds))[1]
+    greedy_decode(state, len(features), rules)
+    return feeds
 
-    def __init__(self, decoder: StepDecoder, processor: Any, rules: DecodingRules):
-        self.decoder, self.processor, self.rules = decoder, processor, rules
+
+def log_mel(processor: Any, audios: Sequence[np.ndarray]) -> np.ndarray:
+    """transformers' Whisper features of a batch, (batch, mels, frames) float32, contiguous."""
+    features = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="np")
+    return np.ascontiguousarray(features.input_features, dtype=np.float32)
+
+
+class StepTranscriber:
+    """`Transcriber` over a `StepDecoder`: transformers' feature extraction, `greedy_decode`, the tokenizer.
+    `workspace` (a TemporaryDirectory holding the model files, if any) lives as long as the transcriber."""
+
+    def __init__(self, decoder: StepDecoder, processor: Any, rules: DecodingRules, workspace: Any = None):
+        self.decoder, self.processor, self.rules, self.workspace = decoder, processor, rules, workspace
 
     def generate(self, audios: Sequence[np.ndarray]) -> np.ndarray:
-        features = self.processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="np")
-        encoded = self.decoder.encode(np.ascontiguousarray(features.input_features, dtype=np.float32))
+        encoded = self.decoder.encode(log_mel(self.processor, audios))
         return greedy_decode(self.decoder.start(encoded, self.rules.max_length), len(audios), self.rules)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
