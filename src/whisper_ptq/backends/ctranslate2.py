@@ -13,6 +13,7 @@ processors (oneDNN elsewhere), and int16 exists only through MKL: on AMD run wit
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class ComputeType:
     devices: tuple[str, ...]
 
 
+PIPELINES = ("common", "native")
 COMPUTE_TYPES = {
     "int8": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
     "int8_float32": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
@@ -53,7 +55,10 @@ class CTranslate2Backend(Backend):
     description = "CTranslate2 (faster-whisper's engine): its own converter, int8/int16 formats and kernels"
     requires = {"ctranslate2": "ctranslate2"}
     params = {
-        "compute_type": Param(str, "int8", tuple(COMPUTE_TYPES), "CTranslate2 compute type (weights_activations)")
+        "compute_type": Param(str, "int8", tuple(COMPUTE_TYPES), "CTranslate2 compute type (weights_activations)"),
+        "pipeline": Param(
+            str, "common", PIPELINES, "common: the study's decoding; native: faster-whisper's WhisperModel.transcribe"
+        ),
     }
     named = {
         "ct2-int8": (
@@ -74,11 +79,21 @@ class CTranslate2Backend(Backend):
             "CTranslate2 int8 weights, fp16 elsewhere (GPU)",
             {"compute_type": "int8_float16"},
         ),
+        "faster-whisper-int8": (
+            "faster-whisper's own pipeline (WhisperModel.transcribe, greedy, no timestamps) on CTranslate2 int8",
+            {"pipeline": "native"},
+        ),
+        "faster-whisper-float32": (
+            "faster-whisper's own pipeline on CTranslate2 float32",
+            {"compute_type": "float32", "pipeline": "native"},
+        ),
     }
 
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
-        compute_type = str(values["compute_type"])
+        compute_type, pipeline = str(values["compute_type"]), str(values["pipeline"])
         spec = COMPUTE_TYPES[compute_type]
+        # Recorded only when not the default, so the stored identity of the common-pipeline recipes is unchanged.
+        native = (("pipeline", pipeline),) if pipeline != "common" else ()
         return Recipe(
             name=name,
             library=self.library,
@@ -87,11 +102,13 @@ class CTranslate2Backend(Backend):
             activations=spec.activations,
             granularity=spec.granularity,
             devices=spec.devices,
-            options=(("compute_type", compute_type),),
-            description=description or f"CTranslate2 {compute_type}",
+            options=(("compute_type", compute_type), *native),
+            description=description or f"CTranslate2 {compute_type}" + (f", {pipeline} pipeline" if native else ""),
         )
 
     def check(self, recipe: Recipe, device: str) -> str | None:
+        if native(recipe) and importlib.util.find_spec("faster_whisper") is None:
+            return "library not installed: pip install faster-whisper"
         if reason := super().check(recipe, device):
             return reason
         import ctranslate2
@@ -112,8 +129,6 @@ class CTranslate2Backend(Backend):
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import ctranslate2
 
-        from whisper_ptq.engines.ct2 import CT2Transcriber
-
         if recipe.modules or recipe.keep:
             raise UserError(f"recipe {recipe.name!r}: CTranslate2 quantizes every layer, it cannot select modules")
         workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-ct2-")
@@ -123,6 +138,31 @@ class CTranslate2Backend(Backend):
             # The converter reloads the model from disk: a second fp32 copy while it runs, then freed.
             converter = ctranslate2.converters.TransformersConverter(str(source))
             converter.convert(str(model_dir), quantization=compute_type(recipe), force=True)
+        if native(recipe):
+            # faster-whisper reads tokenizer.json and preprocessor_config.json from the model folder (without
+            # them it downloads a tokenizer from the hub)
+            bundle.processor.save_pretrained(model_dir)
+        return self._built(model_dir, bundle, recipe, ctx, workspace)
+
+    def _built(self, model_dir: Path, bundle: Any, recipe: Recipe, ctx: BuildContext, workspace: Any = None) -> Built:
+        if native(recipe):
+            import faster_whisper
+            import torch
+
+            from whisper_ptq.engines.faster_whisper import STUDY_SETTINGS, FasterWhisperTranscriber
+
+            threads = torch.get_num_threads()
+            transcriber = FasterWhisperTranscriber(model_dir, compute_type(recipe), ctx.device, threads, workspace)
+            info = {
+                "engine": f"faster-whisper {faster_whisper.__version__} WhisperModel.transcribe, {threads} threads",
+                "pipeline": "native",
+                "transcribe_settings": STUDY_SETTINGS,
+                "compute_type": transcriber.model.model.compute_type,
+                **stored_weights(model_dir / "model.bin"),
+            }
+            return Built(transcriber, model_dir, info)
+        from whisper_ptq.engines.ct2 import CT2Transcriber
+
         transcriber = CT2Transcriber.for_bundle(model_dir, bundle, compute_type(recipe), ctx.device, workspace)
         return Built(transcriber, model_dir, ct2_info(transcriber))
 
@@ -131,16 +171,18 @@ class CTranslate2Backend(Backend):
         shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
-        from whisper_ptq.engines.ct2 import CT2Transcriber
-
         if not (saved_dir / "model.bin").is_file():
             raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
-        transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, compute_type(recipe), ctx.device)
-        return Built(transcriber, saved_dir, ct2_info(transcriber))
+        return self._built(saved_dir, bundle, recipe, ctx)
 
 
 def compute_type(recipe: Recipe) -> str:
     return str(recipe.option("compute_type"))
+
+
+def native(recipe: Recipe) -> bool:
+    """Whether the recipe runs faster-whisper's own pipeline instead of the study's decoding."""
+    return recipe.option("pipeline", "common") == "native"
 
 
 def transformers_dir(bundle: Any, scratch: Path) -> Path:
