@@ -3,7 +3,9 @@
 Every engine implements `Transcriber`, so the evaluator times and scores them all the same way. The decoding
 is the same in all of them: greedy, English, task transcribe, no timestamps, batched, with transformers'
 Whisper `generate` rules (prompt, suppressed tokens, length limit). `hf` is transformers itself, `ct2`
-CTranslate2, `fast` this project's lean CPU engine.
+CTranslate2, `fast` this project's lean CPU engine, `onnx` ONNX Runtime and `openvino` OpenVINO (the last three
+share one greedy loop, `decoding`). `faster_whisper` is the exception by design: faster-whisper's own pipeline
+with its own defaults, for reproducing what its users get.
 """
 
 from __future__ import annotations
