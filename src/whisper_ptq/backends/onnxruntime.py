@@ -29,6 +29,8 @@ from whisper_ptq.models.names import HEAD
 from whisper_ptq.recipes import OptionValue, Recipe
 
 MODES = ("none", "dynamic", "static", "int4")
+INT8_PARAMS = ("per_channel", "reduce_range", "keep")
+INT4_PARAMS = ("block_size", "symmetric", "accuracy_level", "keep")
 LOAD_README = """# Whisper for ONNX Runtime (CPU execution provider)
 
 Quantized op counts: {ops}.
@@ -78,15 +80,12 @@ class OnnxRuntimeBackend(Backend):
         mode, block = str(values["mode"]), int(values["block_size"])  # type: ignore[arg-type]
         if block < 16 or block & (block - 1):
             raise UserError(f"recipe {name!r}: block_size must be a power of two of at least 16, got {block}")
-        int8_only, int4_only = ("per_channel", "reduce_range"), ("block_size", "symmetric", "accuracy_level")
-        defaults = {key: self.params[key].default for key in (*int8_only, *int4_only)}
-        stray = [k for k in (int4_only if mode in ("dynamic", "static") else int8_only) if values[k] != defaults[k]]
-        if mode == "none":
-            stray = [k for k in (*int8_only, *int4_only) if values[k] != defaults[k]] + (
-                ["keep"] if values["keep"] is None else []
-            )
+        applies = {**dict.fromkeys(("dynamic", "static"), INT8_PARAMS), "int4": INT4_PARAMS, "none": ("keep",)}[mode]
+        stray = [k for k in self.params if k not in ("mode", *applies) and values[k] != self.params[k].default]
         if stray:
             raise UserError(f"recipe {name!r}: {stray[0]} does not apply to mode={mode}")
+        if mode == "none":
+            values = {**values, "keep": HEAD}  # nothing is quantized: the head stays tied
         per_channel = bool(values["per_channel"])
         weights = {"none": "fp32", "int4": "int4"}.get(mode, "int8")
         return Recipe(
