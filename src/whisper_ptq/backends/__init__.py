@@ -15,6 +15,8 @@ from whisper_ptq.backends.ctranslate2 import CTranslate2Backend
 from whisper_ptq.backends.fastcpu import FastCPUBackend
 from whisper_ptq.backends.hqq import HQQBackend
 from whisper_ptq.backends.mixed import MixedBackend
+from whisper_ptq.backends.onnxruntime import OnnxRuntimeBackend
+from whisper_ptq.backends.openvino import OpenVINOBackend
 from whisper_ptq.backends.pytorch import PyTorchBackend
 from whisper_ptq.backends.quanto import QuantoBackend
 from whisper_ptq.backends.reference import ReferenceBackend
@@ -34,6 +36,8 @@ BACKENDS: dict[str, Backend] = {
         HQQBackend(),
         MixedBackend(),
         FastCPUBackend(),
+        OnnxRuntimeBackend(),
+        OpenVINOBackend(),
     )
 }
 

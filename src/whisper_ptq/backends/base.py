@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from whisper_ptq.errors import UserError
-from whisper_ptq.models.names import HEAD
+from whisper_ptq.models.names import HEAD, english_prompt
 from whisper_ptq.recipes import OptionValue, Recipe
 
 if TYPE_CHECKING:
@@ -105,6 +105,60 @@ model = whisper_ptq.load(sys.argv[1])  # the recipe's own engine, restored as wh
 for clip in sys.argv[2:]:
     print(model.transcribe(clip))
 """
+
+
+# The decoding loop of an exported encoder/decoder graph pair (`engines/graphs.py`) written out for a user's own
+# program: short-form greedy search under the export's generation_config.json, as `engines.decoding` decodes a
+# clip of 30 s or less. `{sessions}` defines `encode` and `decode` (feeds -> outputs) with the runtime's own API.
+GRAPH_SCRIPT = """\
+{header}
+
+export = sys.argv[1]
+processor = WhisperProcessor.from_pretrained(export)
+generation = GenerationConfig.from_pretrained(export)
+{sessions}
+prompt = processor.tokenizer.convert_tokens_to_ids({prompt})
+for clip in sys.argv[2:]:
+    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, 30 s at most
+    features = processor.feature_extractor(audio, sampling_rate=rate, return_tensors="np").input_features
+    cross = encode({{"input_features": features.astype(np.float32)}})  # cross_key_i, cross_value_i per layer
+    past = [np.zeros((1, c.shape[1], 0, c.shape[3]), np.float32) for c in cross]
+    tokens, new = list(prompt), list(prompt)
+    while len(tokens) < generation.max_length:
+        feeds = {{"input_ids": np.array([new], dtype=np.int64)}}
+        for i in range(len(cross) // 2):
+            feeds |= {{f"past_key_{{i}}": past[2 * i], f"past_value_{{i}}": past[2 * i + 1]}}
+            feeds |= {{f"cross_key_{{i}}": cross[2 * i], f"cross_value_{{i}}": cross[2 * i + 1]}}
+        logits, *past = decode(feeds)  # the last new token's logits, then present_key_i, present_value_i
+        logits = np.array(logits[0], dtype=np.float32)
+        logits[generation.suppress_tokens] = -np.inf
+        if len(tokens) == len(prompt):
+            logits[generation.begin_suppress_tokens] = -np.inf
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token == generation.eos_token_id:
+            break
+        new = [token]
+    print(processor.tokenizer.decode(tokens, skip_special_tokens=True))
+"""
+
+
+def graph_loader(
+    title: str, packages: Iterable[str], imports: Iterable[str], sessions: str, english_only: bool
+) -> Loader:
+    """The load script of an export of the two graphs, run by the runtime `sessions` sets up."""
+    header = import_block(
+        [
+            "import sys",
+            "import numpy as np",
+            "import soundfile",
+            "from transformers import GenerationConfig, WhisperProcessor",
+            *imports,
+        ]
+    )
+    script = GRAPH_SCRIPT.format(header=header, sessions=sessions.strip(), prompt=list(english_prompt(english_only)))
+    note = "Clips of 30 s or less (whisper-ptq's long-form decoding seeks through longer recordings)."
+    return Loader(title, (*packages, "transformers", "soundfile"), script, note=note)
 
 
 def transformers_loader(

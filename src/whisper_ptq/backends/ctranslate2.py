@@ -16,6 +16,7 @@ tokenizer.json and preprocessor_config.json the export adds beside them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import english_prompt
 from whisper_ptq.recipes import OptionValue, Recipe
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ class ComputeType:
     devices: tuple[str, ...]
 
 
+PIPELINES = ("common", "native")
 COMPUTE_TYPES = {
     "int8": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
     "int8_float32": ComputeType("int8", "int8", "per-channel", ("cpu", "cuda")),
@@ -57,7 +60,10 @@ class CTranslate2Backend(Backend):
     description = "CTranslate2 (faster-whisper's engine): its own converter, int8/int16 formats and kernels"
     requires = {"ctranslate2": "ctranslate2"}
     params = {
-        "compute_type": Param(str, "int8", tuple(COMPUTE_TYPES), "CTranslate2 compute type (weights_activations)")
+        "compute_type": Param(str, "int8", tuple(COMPUTE_TYPES), "CTranslate2 compute type (weights_activations)"),
+        "pipeline": Param(
+            str, "common", PIPELINES, "common: the study's decoding; native: faster-whisper's WhisperModel.transcribe"
+        ),
     }
     named = {
         "ct2-int8": (
@@ -78,11 +84,21 @@ class CTranslate2Backend(Backend):
             "CTranslate2 int8 weights, fp16 elsewhere (GPU)",
             {"compute_type": "int8_float16"},
         ),
+        "faster-whisper-int8": (
+            "faster-whisper's own pipeline (WhisperModel.transcribe, greedy, no timestamps) on CTranslate2 int8",
+            {"pipeline": "native"},
+        ),
+        "faster-whisper-float32": (
+            "faster-whisper's own pipeline on CTranslate2 float32",
+            {"compute_type": "float32", "pipeline": "native"},
+        ),
     }
 
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
-        compute_type = str(values["compute_type"])
+        compute_type, pipeline = str(values["compute_type"]), str(values["pipeline"])
         spec = COMPUTE_TYPES[compute_type]
+        # Recorded only when not the default, so the stored identity of the common-pipeline recipes is unchanged.
+        native = (("pipeline", pipeline),) if pipeline != "common" else ()
         return Recipe(
             name=name,
             library=self.library,
@@ -91,11 +107,13 @@ class CTranslate2Backend(Backend):
             activations=spec.activations,
             granularity=spec.granularity,
             devices=spec.devices,
-            options=(("compute_type", compute_type),),
-            description=description or f"CTranslate2 {compute_type}",
+            options=(("compute_type", compute_type), *native),
+            description=description or f"CTranslate2 {compute_type}" + (f", {pipeline} pipeline" if native else ""),
         )
 
     def check(self, recipe: Recipe, device: str) -> str | None:
+        if native(recipe) and importlib.util.find_spec("faster_whisper") is None:
+            return "library not installed: pip install faster-whisper"
         if reason := super().check(recipe, device):
             return reason
         import ctranslate2
@@ -116,8 +134,6 @@ class CTranslate2Backend(Backend):
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
         import ctranslate2
 
-        from whisper_ptq.engines.ct2 import CT2Transcriber
-
         if recipe.modules or recipe.keep:
             raise UserError(f"recipe {recipe.name!r}: CTranslate2 quantizes every layer, it cannot select modules")
         workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-ct2-")
@@ -127,6 +143,31 @@ class CTranslate2Backend(Backend):
             # The converter reloads the model from disk: a second fp32 copy while it runs, then freed.
             converter = ctranslate2.converters.TransformersConverter(str(source))
             converter.convert(str(model_dir), quantization=compute_type(recipe), force=True)
+        if native(recipe):
+            # faster-whisper reads tokenizer.json and preprocessor_config.json from the model folder (without
+            # them it downloads a tokenizer from the hub)
+            bundle.processor.save_pretrained(model_dir)
+        return self._built(model_dir, bundle, recipe, ctx, workspace)
+
+    def _built(self, model_dir: Path, bundle: Any, recipe: Recipe, ctx: BuildContext, workspace: Any = None) -> Built:
+        if native(recipe):
+            import faster_whisper
+            import torch
+
+            from whisper_ptq.engines.faster_whisper import STUDY_SETTINGS, FasterWhisperTranscriber
+
+            threads = torch.get_num_threads()
+            transcriber = FasterWhisperTranscriber(model_dir, compute_type(recipe), ctx.device, threads, workspace)
+            info = {
+                "engine": f"faster-whisper {faster_whisper.__version__} WhisperModel.transcribe, {threads} threads",
+                "pipeline": "native",
+                "transcribe_settings": STUDY_SETTINGS,
+                "compute_type": transcriber.model.model.compute_type,
+                **stored_weights(model_dir / "model.bin"),
+            }
+            return Built(transcriber, model_dir, info)
+        from whisper_ptq.engines.ct2 import CT2Transcriber
+
         transcriber = CT2Transcriber.for_bundle(model_dir, bundle, compute_type(recipe), ctx.device, workspace)
         return Built(transcriber, model_dir, ct2_info(transcriber))
 
@@ -135,16 +176,11 @@ class CTranslate2Backend(Backend):
         shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
-        from whisper_ptq.engines.ct2 import CT2Transcriber
-
         if not (saved_dir / "model.bin").is_file():
             raise UserError(f"{saved_dir} holds no CTranslate2 model (model.bin is missing)")
-        transcriber = CT2Transcriber.for_bundle(saved_dir, bundle, compute_type(recipe), ctx.device)
-        return Built(transcriber, saved_dir, ct2_info(transcriber))
+        return self._built(saved_dir, bundle, recipe, ctx)
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
-        from whisper_ptq.engines.ct2 import PROMPT_ENGLISH_ONLY, PROMPT_MULTILINGUAL
-
         device = "cpu" if "cpu" in recipe.devices else "cuda"
         kind = compute_type(recipe)
         faster_whisper = f"""\
@@ -159,7 +195,7 @@ for clip in sys.argv[2:]:
     )
     print("".join(segment.text for segment in segments))
 """
-        prompt = list(PROMPT_ENGLISH_ONLY if english_only else PROMPT_MULTILINGUAL)
+        prompt = list(english_prompt(english_only))
         exact = f"""\
 import sys
 
@@ -207,6 +243,11 @@ for clip in sys.argv[2:]:
 
 def compute_type(recipe: Recipe) -> str:
     return str(recipe.option("compute_type"))
+
+
+def native(recipe: Recipe) -> bool:
+    """Whether the recipe runs faster-whisper's own pipeline instead of the study's decoding."""
+    return recipe.option("pipeline", "common") == "native"
 
 
 def transformers_dir(bundle: Any, scratch: Path) -> Path:

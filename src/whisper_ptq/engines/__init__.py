@@ -3,7 +3,9 @@
 `decoding` does the rest, once for all of them: features, short and long form (OpenAI's sequential algorithm),
 language, task, beam size, fallback, batching. An engine implements `decoding.WindowDecoder` (`Transcriber`
 below), or, step-wise, `decoding.StepModel`. `hf` is transformers itself, `ct2` CTranslate2, `fast` this
-project's lean CPU engine (step-wise).
+project's lean CPU engine (step-wise), `onnx` ONNX Runtime and `openvino` OpenVINO (step-wise over the exported
+graphs of `graphs`). `faster_whisper` is the exception by design: a `decoding.Pipeline`, faster-whisper's own
+pipeline with its own defaults, for reproducing what its users get.
 """
 
 from __future__ import annotations

@@ -26,10 +26,13 @@ compared under the same decoding:
 - **What happened** is returned with the text (`Transcript`): the language, whether a window stopped at the
   token limit (a runaway), the audio seconds decoded and the number of windows.
 
-Step-wise engines (the fast CPU engine; any ONNX Runtime or OpenVINO engine) do not write a window decoder:
-they implement `StepModel` (`encode` features, `start` the decoder on a prompt, `step` one token, `keep` some
-rows of their state), each step returning `Logits`, and `StepDecoding` supplies `decode` and
-`detect_language` on top: greedy search (sampling for fallback) with Whisper's suppressed tokens and
+An engine may instead be a `Pipeline`: a library's own recording-level transcription (faster-whisper's), run as
+that library's users run it; `transcribe` hands it the recordings and the options.
+
+Step-wise engines (the fast CPU engine; the ONNX Runtime and OpenVINO engines, `engines.graphs.GraphDecoding`)
+do not write a window decoder: they implement `StepModel` (`encode` features, `start` the decoder on a prompt,
+`step` one token, `keep` some rows of their state), each step returning `Logits`, and `StepDecoding` supplies `decode`
+and `detect_language` on top: greedy search (sampling for fallback) with Whisper's suppressed tokens and
 OpenAI's timestamp rules, rows leaving the batch at their end-of-text. `Logits.shortlist` lets an engine
 give approximate logits for the whole vocabulary (the fast engine's int8 head) and exact ones for the few
 best candidates: the token is chosen among those, re-scored. Step-wise engines search greedily only.
@@ -41,7 +44,7 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -109,6 +112,15 @@ class WindowDecoder(Protocol):
     def detect_language(self, features: np.ndarray) -> list[int]:
         """The most likely language token of each window."""
         ...
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """An engine that runs a library's own recording-level pipeline instead of this module's decoding, by design
+    (faster-whisper's `WhisperModel.transcribe`, whisper.cpp's `whisper_full`): what that library's users get,
+    with `options` applied as far as the library has them."""
+
+    def transcribe_recordings(self, audios: Sequence[np.ndarray], options: DecodingOptions) -> list[Transcript]: ...
 
 
 @dataclass(frozen=True)
@@ -193,17 +205,19 @@ def window_token_limit(prompt_length: int, max_target_positions: int) -> int:
 # ------------------------------------------------------------------------------------------- transcription
 
 
-def transcribe(engine: WindowDecoder, audios: Sequence[np.ndarray], options: DecodingOptions) -> list[Transcript]:
+def transcribe(
+    engine: WindowDecoder | Pipeline, audios: Sequence[np.ndarray], options: DecodingOptions
+) -> list[Transcript]:
     """Text of each 16 kHz mono float32 recording, any length (see the module docstring)."""
+    if isinstance(engine, Pipeline):
+        return engine.transcribe_recordings(audios, options)
     vocab = vocabulary(engine)
     if options.language not in (AUTO, "en") and vocab.multilingual and options.language not in vocab.languages:
         raise ValueError(f"this model has no language {options.language!r}")
     results: list[Transcript | None] = [None] * len(audios)
     short = [i for i, audio in enumerate(audios) if len(audio) <= N_SAMPLES]
     if short:
-        features = engine.processor.feature_extractor(
-            [audios[i] for i in short], sampling_rate=SAMPLE_RATE, return_tensors="np"
-        ).input_features
+        features = log_mel(engine.processor, [audios[i] for i in short])
         languages = _languages(engine, vocab, features, options)
         prompts = [Prompt(language, options.task, timestamps=False) for language in languages]
         for i, decoded, prompt in zip(short, _decode_all(engine, features, prompts, options), prompts, strict=True):
@@ -214,6 +228,12 @@ def transcribe(engine: WindowDecoder, audios: Sequence[np.ndarray], options: Dec
     for i, transcript in zip(long, _long_form(engine, vocab, [audios[i] for i in long], options), strict=True):
         results[i] = transcript
     return results  # type: ignore[return-value]
+
+
+def log_mel(processor: Any, audios: Sequence[np.ndarray]) -> np.ndarray:
+    """transformers' Whisper features of a batch of clips of 30 s or less, (batch, mels, 3000) float32."""
+    features = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="np")
+    return np.ascontiguousarray(features.input_features, dtype=np.float32)
 
 
 def _languages(
@@ -450,7 +470,7 @@ class StepDecoding:
         with torch.inference_mode():
             encoded = self.encode(torch.from_numpy(features))
             with self.threads():
-                return self._search(encoded, tokens, limit, search, prompt.timestamps)
+                return self._search(encoded, len(features), tokens, limit, search, prompt.timestamps)
 
     def detect_language(self, features: np.ndarray) -> list[int]:
         import torch
@@ -464,12 +484,14 @@ class StepDecoding:
             others[list(vocab.languages.values())] = False
             return _choose(logits, logits.values.masked_fill(others, float("-inf")), None)[0].tolist()
 
-    def _search(self, encoded: Any, prompt: tuple[int, ...], max_length: int, search: Search, timestamps: bool):
+    def _search(
+        self, encoded: Any, batch: int, prompt: tuple[int, ...], max_length: int, search: Search, timestamps: bool
+    ):
         """Greedy (or sampled) decoding of the batch in lockstep; a row leaves the batch at its end-of-text
         (its state dropped in place), so the longest row's steps cost only its own."""
         import torch
 
-        rules, batch, length = self.rules, encoded.shape[0], len(prompt)
+        rules, length = self.rules, len(prompt)
         suppress = torch.tensor(rules.suppress, dtype=torch.long)
         suppress_first = torch.tensor(sorted({*rules.suppress, *rules.begin_suppress}), dtype=torch.long)
         timestamp_rules = self._timestamp_rules(length) if timestamps else None

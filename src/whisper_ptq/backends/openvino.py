@@ -1,0 +1,256 @@
+"""OpenVINO: Whisper converted to OpenVINO IR from the loaded transformers model (`openvino.convert_model`),
+compressed or quantized by NNCF as OpenVINO's own Whisper notebooks do, run by the CPU plugin
+(`engines/openvino.py`; the shared greedy loop).
+
+- `mode=int8` / `int4`: `nncf.compress_weights`, weight-only: int8 (asymmetric unless `symmetric`), or int4
+  (sym/asym) in groups of `group_size` for a `ratio` of the linears, the rest, the embedding and the last
+  layer in int8 (NNCF's backup precision). `awq`, `scale_estimation` and `gptq` are NNCF's data-aware int4
+  options, calibrated on the calibration split (the decoder's inputs at every step of greedy decoding).
+- `mode=ptq`: `nncf.quantize`, full int8 (weights and activations, FakeQuantize) with
+  `model_type=TRANSFORMER` and SmoothQuant; the notebooks' alphas (encoder 0.80, decoder 0.96) are the default.
+- `mode=none`: the converted IR, fp32.
+The CPU plugin computes in `precision` (f32; bf16 is its default on CPUs with AVX-512 BF16 or AMX). OpenVINO
+cannot select modules.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param, graph_loader
+from whisper_ptq.errors import UserError
+from whisper_ptq.recipes import OptionValue, Recipe
+
+MODES = ("none", "int8", "int4", "ptq")
+CALIBRATED_OPTIONS = ("awq", "scale_estimation", "gptq")
+
+
+# How the export's load script opens the two graphs with the runtime's own API (`base.graph_loader`).
+OPENVINO_SESSIONS = """\
+core = openvino.Core()
+encoder, decoder = (
+    core.compile_model(f"{export}/{part}.xml", "CPU", {"INFERENCE_PRECISION_HINT": "PRECISION"})
+    for part in ("encoder", "decoder")
+)
+encode = lambda feeds: list(encoder(feeds).values())  # noqa: E731
+decode = lambda feeds: list(decoder(feeds).values())  # noqa: E731
+"""
+
+
+class OpenVINOBackend(Backend):
+    library = "openvino"
+    description = "OpenVINO IR converted from the model, NNCF weight compression (int8/int4) and int8 PTQ"
+    requires = {"openvino": "openvino", "nncf": "nncf"}
+    beam_search = False  # a step-wise engine: `engines.decoding.StepDecoding` searches greedily
+    params = {
+        "mode": Param(str, "int8", MODES, "none (fp32), int8 / int4 weight compression, or ptq (full int8)"),
+        "symmetric": Param(bool, False, help="int8/int4 weights without zero points"),
+        "group_size": Param(int, 128, help="int4: weights per scale (-1: per output channel)"),
+        "ratio": Param(float, 1.0, help="int4: share of the linears in int4, the rest int8"),
+        "awq": Param(bool, False, help="int4: activation-aware weight scaling (calibrated)"),
+        "scale_estimation": Param(bool, False, help="int4: scales fitted to the calibration activations"),
+        "gptq": Param(bool, False, help="int4: GPTQ error compensation (calibrated)"),
+        "smooth_quant_encoder": Param(float, 0.80, help="ptq: SmoothQuant alpha of the encoder (-1: off)"),
+        "smooth_quant_decoder": Param(float, 0.96, help="ptq: SmoothQuant alpha of the decoder (-1: off)"),
+        "precision": Param(str, "f32", ("f32", "bf16"), "the CPU plugin's inference precision"),
+    }
+    named = {
+        "ov-fp32": ("OpenVINO fp32: the converted IR, unquantized", {"mode": "none"}),
+        "ov-int8": ("OpenVINO int8 weight-only (NNCF compress_weights, asymmetric, per channel)", {}),
+        "ov-int4": (
+            "OpenVINO int4 weight-only (NNCF, asymmetric, groups of 128; embedding and last layer int8)",
+            {"mode": "int4"},
+        ),
+        "ov-int4-awq": (
+            "OpenVINO int4 weight-only with AWQ and scale estimation, calibrated",
+            {"mode": "int4", "awq": "true", "scale_estimation": "true"},
+        ),
+        "ov-int8-ptq": (
+            "OpenVINO full int8 (NNCF quantize, transformer model type, SmoothQuant 0.80/0.96), calibrated",
+            {"mode": "ptq"},
+        ),
+    }
+
+    def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
+        mode, group = str(values["mode"]), int(values["group_size"])  # type: ignore[arg-type]
+        ratio = float(values["ratio"])  # type: ignore[arg-type]
+        by_mode = {
+            "int4": ("group_size", "ratio", *CALIBRATED_OPTIONS),
+            "ptq": ("smooth_quant_encoder", "smooth_quant_decoder"),
+        }
+        applies = {"symmetric", "precision", *by_mode.get(mode, ())} | ({"symmetric"} if mode != "none" else set())
+        stray = [k for k in self.params if k != "mode" and k not in applies and values[k] != self.params[k].default]
+        if mode == "none" and values["symmetric"]:
+            stray.insert(0, "symmetric")
+        if stray:
+            raise UserError(f"recipe {name!r}: {stray[0]} does not apply to mode={mode}")
+        if mode == "int4" and not (group == -1 or group > 0):
+            raise UserError(f"recipe {name!r}: group_size must be positive or -1, got {group}")
+        if not 0.0 < ratio <= 1.0:
+            raise UserError(f"recipe {name!r}: ratio must be in (0, 1], got {ratio}")
+        calibrated = mode == "ptq" or (mode == "int4" and any(values[k] for k in CALIBRATED_OPTIONS))
+        return Recipe(
+            name=name,
+            library=self.library,
+            # "static": calibrated on the calibration split (preflight provides it)
+            scheme={"none": "reference", "ptq": "static"}.get(mode, "static" if calibrated else "weight-only"),
+            weights={"none": "fp32", "int4": "int4"}.get(mode, "int8"),
+            activations="int8" if mode == "ptq" else None,
+            granularity="per-group" if mode == "int4" and group > 0 else "per-channel",
+            group_size=group if mode == "int4" and group > 0 else None,
+            symmetric=bool(values["symmetric"]) or mode == "ptq",
+            devices=("cpu",),
+            options=tuple(sorted((key, values[key]) for key in self.params)),
+            description=description or f"OpenVINO {mode}",
+        )
+
+    def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
+        import torch
+
+        from whisper_ptq.engines.openvino import convert_openvino, openvino_engine, save_openvino
+
+        if recipe.modules or recipe.keep:
+            raise UserError(f"recipe {recipe.name!r}: OpenVINO quantizes every linear, it cannot select modules")
+        threads, precision = torch.get_num_threads(), str(recipe.option("precision"))
+        encoder, decoder = convert_openvino(bundle.model)
+        if recipe.option("mode") != "none":
+            calibration = None
+            if recipe.needs_calibration:
+                if ctx.calibration is None:
+                    raise UserError(f"recipe {recipe.name!r} needs calibration audio")
+                fp32 = openvino_engine(encoder, decoder, bundle.model, bundle.processor, threads, "f32")
+                calibration = calibration_items(fp32, ctx.calibration())
+            encoder, decoder = compress(encoder, decoder, recipe, calibration)
+        workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-openvino-")
+        model_dir = Path(workspace.name) / "model"
+        save_openvino(encoder, decoder, model_dir)
+        return self._built(model_dir, bundle, threads, precision, workspace)
+
+    def save(self, quantized: Built, out_dir: Path) -> None:
+        """The OpenVINO IR folder (encoder.xml/.bin, decoder.xml/.bin); the export's card gives the load script
+        (`loaders`)."""
+        shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
+
+    def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
+        sessions = OPENVINO_SESSIONS.replace("PRECISION", str(recipe.option("precision")))
+        return [graph_loader("openvino", ("openvino",), ("import openvino",), sessions, english_only)]
+
+    def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
+        import torch
+
+        from whisper_ptq.engines.openvino import DECODER, ENCODER
+
+        missing = [f for f in (ENCODER, DECODER) if not (saved_dir / f).is_file()]
+        if missing:
+            raise UserError(f"{saved_dir} holds no OpenVINO model ({missing[0]} is missing)")
+        return self._built(saved_dir, bundle, torch.get_num_threads(), str(recipe.option("precision")))
+
+    def _built(self, model_dir: Path, bundle: Any, threads: int, precision: str, workspace: Any = None) -> Built:
+        import openvino as ov
+
+        from whisper_ptq.engines.openvino import openvino_dir_engine
+
+        transcriber = openvino_dir_engine(model_dir, bundle.model, bundle.processor, threads, precision, workspace)
+        info = {
+            "engine": f"openvino {ov.__version__}, CPU plugin, {threads} threads",
+            "inference_precision": precision,
+            **ir_facts(model_dir, bundle.model),
+        }
+        return Built(transcriber, model_dir, info)
+
+
+def calibration_items(fp32: Any, audios: list[Any]) -> dict[str, list[dict]]:
+    """NNCF calibration data of each graph: the encoder's features of each calibration utterance, and the
+    decoder's inputs at every step of greedy-decoding it with the fp32 models (`GraphDecoding.calibration_feeds`)."""
+    per_clip = [fp32.calibration_feeds(audio) for audio in audios]
+    return {
+        "encoder": [encoder for encoder, _ in per_clip],
+        "decoder": [step for _, steps in per_clip for step in steps],
+    }
+
+
+def compress(encoder: Any, decoder: Any, recipe: Recipe, calibration: dict[str, list[dict]] | None) -> tuple[Any, Any]:
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    mode, symmetric = str(recipe.option("mode")), bool(recipe.option("symmetric"))
+    done = []
+    for part, model in (("encoder", encoder), ("decoder", decoder)):
+        data = None if calibration is None else calibration[part]
+        dataset = None if data is None else nncf.Dataset(data)
+        if mode == "ptq":
+            alpha = float(recipe.option(f"smooth_quant_{part}"))  # type: ignore[arg-type]
+            smooth = AdvancedSmoothQuantParameters(matmul=alpha)
+            model = nncf.quantize(
+                model,
+                dataset,
+                subset_size=len(data or ()),
+                model_type=nncf.ModelType.TRANSFORMER,
+                advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth),
+            )
+        elif mode == "int8":
+            weights = nncf.CompressWeightsMode.INT8_SYM if symmetric else nncf.CompressWeightsMode.INT8_ASYM
+            model = nncf.compress_weights(model, mode=weights)
+        else:
+            weights = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
+            options = {key: bool(recipe.option(key)) for key in CALIBRATED_OPTIONS}
+            model = nncf.compress_weights(
+                model,
+                mode=weights,
+                group_size=int(recipe.option("group_size")),  # type: ignore[arg-type]
+                ratio=float(recipe.option("ratio")),  # type: ignore[arg-type]
+                dataset=dataset,
+                subset_size=len(data or ()) or 128,
+                **options,
+            )
+        done.append(model)
+    return done[0], done[1]
+
+
+def ir_facts(model_dir: Path, model: Any) -> dict[str, Any]:
+    """Which element types the IR stores its constants in, and the stored bits per linear weight: the bytes of
+    the constants feeding the linears (weights, scales, zero points) over the linears' weight count, the LM head
+    (the tied embedding) excluded, as `base.linear_bits_per_weight` counts."""
+    import openvino as ov
+
+    from whisper_ptq.backends.base import linear_layers
+    from whisper_ptq.engines.openvino import DECODER, ENCODER
+
+    core, vocab = ov.Core(), model.config.vocab_size
+    types: dict[str, int] = {}
+    stored = 0
+    for graph in (ENCODER, DECODER):
+        ir = core.read_model(model_dir / graph)
+        for op in ir.get_ordered_ops():
+            if op.get_type_name() != "Constant":
+                continue
+            kind = str(op.get_element_type())
+            if op.get_output_partial_shape(0).rank.get_length() >= 2:
+                types[kind] = types.get(kind, 0) + 1
+            if kind not in ("i64", "i32") and _feeds_linear(op) and vocab not in list(op.get_output_shape(0)):
+                stored += op.get_byte_size()
+    return {
+        "ir_constant_types": types,
+        "linear_bits_per_weight": 8 * stored / sum(linear_layers(model).values()),
+    }
+
+
+def _feeds_linear(constant: Any) -> bool:
+    """Whether a constant reaches a MatMul's weight input through weight-decompression ops only (Convert,
+    Subtract, Multiply, Reshape, Transpose), i.e. is part of a linear's stored weight."""
+    decompression = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose"}
+    frontier = [constant]
+    while frontier:
+        node = frontier.pop()
+        for output in node.outputs():
+            for target in output.get_target_inputs():
+                consumer = target.get_node()
+                kind = consumer.get_type_name()
+                if kind == "MatMul" and target.get_index() == 1:
+                    return True
+                if kind in decompression:
+                    frontier.append(consumer)
+    return False

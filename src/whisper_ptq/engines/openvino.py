@@ -1,0 +1,91 @@
+"""The OpenVINO engine: Whisper's two graphs (`engines/graphs.py`) converted to OpenVINO IR by
+`openvino.convert_model` from the torch modules, compiled for the CPU plugin, decoded by the shared search
+(`engines.graphs.GraphDecoding`).
+
+A model folder holds `encoder.xml`/`.bin` and `decoder.xml`/`.bin`, with the input and output names of the
+ONNX graphs (`engines/onnx.py`). The CPU plugin's default inference precision is bf16 on CPUs with AVX-512 BF16
+or AMX; the engine asks for `precision` explicitly (f32 unless told), and records it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ENCODER, DECODER = "encoder.xml", "decoder.xml"
+
+
+def convert_openvino(model: Any) -> tuple[Any, Any]:
+    """The transformers model's encoder and decoder graphs as `openvino.Model`s (fp32, dynamic shapes)."""
+    import openvino as ov
+    import torch
+
+    from whisper_ptq.engines.graphs import (
+        DecoderGraph,
+        EncoderGraph,
+        cross_names,
+        example_inputs,
+        layer_names,
+        present_names,
+    )
+
+    layers = model.config.decoder_layers
+    features, decoder_inputs = example_inputs(model)
+    decoder_in, decoder_out = ["input_ids", *layer_names(layers)], ["logits", *present_names(layers)]
+    converted = []
+    with torch.no_grad():
+        for graph, inputs, names_in, names_out in (
+            (EncoderGraph(model), (features,), ["input_features"], cross_names(layers)),
+            (DecoderGraph(model), decoder_inputs, decoder_in, decoder_out),
+        ):
+            shapes = [ov.PartialShape([-1] * len(t.shape)) for t in inputs]
+            ov_model = ov.convert_model(graph.eval(), example_input=inputs, input=shapes)
+            for port, name in zip(ov_model.inputs, names_in, strict=True):
+                port.get_tensor().set_names({name})
+            for port, name in zip(ov_model.outputs, names_out, strict=True):
+                port.get_tensor().set_names({name})
+            converted.append(ov_model)
+    return converted[0], converted[1]
+
+
+def save_openvino(encoder: Any, decoder: Any, out_dir: Path) -> None:
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for model, name in ((encoder, ENCODER), (decoder, DECODER)):
+        # save_model compresses fp32 weights to fp16 unless told not to
+        ov.save_model(model, str(out_dir / name), compress_to_fp16=False)
+
+
+def compile_config(threads: int, precision: str) -> dict[str, Any]:
+    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1}
+
+
+def openvino_engine(
+    encoder: Any, decoder: Any, model: Any, processor: Any, threads: int, precision: str, workspace: Any = None
+) -> Any:
+    """The two graphs (`openvino.Model`s, or their .xml paths) compiled for the CPU plugin, decoded by the
+    shared search (`engines.graphs.GraphDecoding`); `model` gives the decoding rules (its configs)."""
+    import openvino as ov
+
+    from whisper_ptq.engines.graphs import GraphDecoding
+
+    core, config = ov.Core(), compile_config(threads, precision)
+    compiled_encoder = core.compile_model(encoder, "CPU", config)
+    compiled_decoder = core.compile_model(decoder, "CPU", config)
+    # A compiled model's call copies its outputs (share_outputs=False): the past keys/values outlive the step.
+    return GraphDecoding(
+        lambda features: list(compiled_encoder({"input_features": features}).values()),
+        lambda feeds: list(compiled_decoder(feeds).values()),
+        model,
+        processor,
+        workspace,
+    )
+
+
+def openvino_dir_engine(
+    model_dir: Path, model: Any, processor: Any, threads: int, precision: str, workspace: Any = None
+) -> Any:
+    return openvino_engine(
+        str(model_dir / ENCODER), str(model_dir / DECODER), model, processor, threads, precision, workspace
+    )

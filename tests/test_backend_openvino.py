@@ -1,0 +1,80 @@
+"""The OpenVINO backend on the packaged tiny.en and real LibriSpeech utterances: the fp32 IR transcribes like
+transformers, NNCF's weight compression and PTQ give working models, and an export reloads with openvino alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import card_scripts, run_script  # tests/ is on sys.path (pytest's rootdir-less import mode)
+
+from whisper_ptq.backends import get_recipe
+from whisper_ptq.data import open_dataset
+from whisper_ptq.engines.hf import HFTranscriber
+from whisper_ptq.errors import UserError
+from whisper_ptq.evaluation import Quantized
+from whisper_ptq.models.loading import load_model
+from whisper_ptq.settings import Settings
+
+UTTERANCES = (4, 1)  # test-clean sample: 2.1 s and 3.3 s
+
+
+@pytest.fixture(scope="module")
+def audios(shared_data: Path) -> list[np.ndarray]:
+    dataset = open_dataset("librispeech:test-clean", shared_data)
+    return [dataset.load_audio(dataset.utterances[i]) for i in UTTERANCES]
+
+
+@pytest.fixture(scope="module")
+def clips(shared_data: Path) -> list[str]:
+    dataset = open_dataset("librispeech:test-clean", shared_data)
+    return [str(dataset.utterances[i].audio_path) for i in UTTERANCES]
+
+
+def build(recipe: str, cache: Path, data: Path, **settings) -> Quantized:
+    settings = Settings(cache_dir=cache, data_root=data, threads=2, **settings)
+    return Quantized.build("tiny.en", get_recipe(recipe), settings)
+
+
+def test_named_recipes_and_refusals() -> None:
+    assert get_recipe("ov-int8").weights == "int8" and not get_recipe("ov-int8").needs_calibration
+    assert get_recipe("ov-int4").group_size == 128 and not get_recipe("ov-int4").needs_calibration
+    assert get_recipe("ov-int4-awq").needs_calibration and get_recipe("ov-int8-ptq").activations == "int8"
+    with pytest.raises(UserError, match="group_size does not apply to mode=int8"):
+        get_recipe("openvino:group_size=64")
+    with pytest.raises(UserError, match="ratio must be in"):
+        get_recipe("openvino:mode=int4,ratio=0")
+    with pytest.raises(UserError, match="smooth_quant_encoder does not apply to mode=int4"):
+        get_recipe("openvino:mode=int4,smooth_quant_encoder=0.5")
+
+
+def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:
+    bundle = load_model("tiny.en", model_cache)
+    expected = [HFTranscriber(bundle.model, bundle.processor).transcribe([a])[0] for a in audios]
+    session = build("ov-fp32", model_cache, shared_data)
+    assert session.transcribe(audios) == expected
+    assert session.info["linear_bits_per_weight"] == 32.0 and session.info["inference_precision"] == "f32"
+    assert abs(session.size_bytes / session.info["fp32_size_bytes"] - 1) < 0.01
+
+
+@pytest.mark.parametrize("recipe", ["ov-int8", "ov-int4"])
+def test_compress_transcribe_export_reload(
+    recipe: str, model_cache: Path, shared_data: Path, audios, clips, tmp_path
+) -> None:
+    session = build(recipe, model_cache, shared_data)
+    texts = session.transcribe(audios)
+    assert all(len(t.split()) >= 3 for t in texts)
+    assert session.transcribe(audios[:1]) == texts[:1] and session.size_bytes < session.info["fp32_size_bytes"]
+    low, high = (8, 8.5) if recipe == "ov-int8" else (4, 5)
+    assert low <= session.info["linear_bits_per_weight"] <= high
+    export = session.save(tmp_path / "export")
+    [(exact, script)] = card_scripts(export).values()  # the openvino script of the model card
+    reloaded, imported = run_script(script, export, clips, tmp_path)
+    assert exact and not imported and reloaded == texts
+
+
+def test_ptq_calibrates_on_the_calibration_split(model_cache: Path, shared_data: Path, audios) -> None:
+    session = build("ov-int8-ptq", model_cache, shared_data, calibration_limit=2)
+    assert session.info["calibration_utterances"] == 2
+    assert all(len(t.split()) >= 3 for t in session.transcribe(audios))
