@@ -190,20 +190,20 @@ for clip in sys.argv[2:]:
 
 def import_block(lines: Iterable[str]) -> str:
     """Import lines as isort writes them: the standard library first, `from M import a, b` merged per module."""
-    plain: set[str] = set()
+    plain: dict[str, str] = {}  # module -> its line (`import numpy as np`)
     names: dict[str, set[str]] = {}
     for line in lines:
         words = line.split()
         if words[0] == "import":
-            plain.add(words[1])
+            plain[words[1]] = line
         else:
             names.setdefault(words[1], set()).update(name.strip() for name in line.split(" import ")[1].split(","))
-    modules = sorted(plain | set(names), key=lambda m: (m.split(".")[0] not in sys.stdlib_module_names, m))
+    modules = sorted({*plain, *names}, key=lambda m: (m.split(".")[0] not in sys.stdlib_module_names, m))
     groups: list[list[str]] = [[], []]
     for module in modules:
         group = groups[module.split(".")[0] not in sys.stdlib_module_names]
         if module in plain:
-            group.append(f"import {module}")
+            group.append(plain[module])
         if module in names:
             group.append(f"from {module} import {', '.join(sorted(names[module]))}")
     return "\n\n".join("\n".join(group) for group in groups if group)
