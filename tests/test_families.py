@@ -2,7 +2,8 @@
 offline): large-v3 (128 mel bins, one more language token, so every special token id moves), large-v3-turbo
 (a 4-layer decoder under a deeper encoder), distil-large-v3 (2-layer decoder) and distil-small.en (English
 only, 80 mel bins). Small width and 64 decoder positions keep them fast. Each is saved as a transformers folder,
-converted to CTranslate2 with CTranslate2's own `TransformersConverter`, and decoded by every engine on real
+converted to CTranslate2 with CTranslate2's own `TransformersConverter` (and exported to ONNX and OpenVINO),
+and decoded by every engine on real
 speech: greedy tokens must equal transformers', short form, timestamp windows and whole long recordings."""
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def engines(folder: Path, cache: Path) -> dict[str, object]:
-    """transformers, CTranslate2 float32 and the fast engine in fp32, each over its own copy of the model."""
+    """transformers, CTranslate2 float32, the fast engine in fp32, and the exported graphs in ONNX Runtime and
+    OpenVINO (fp32), each over its own copy of the model."""
     bundle = load_model(str(folder), cache)
     built = {"transformers": HFTranscriber(bundle.model, bundle.processor)}
-    for name in ("ct2-float32", "fast-cpu-fp32"):
+    for name in ("ct2-float32", "fast-cpu-fp32", "ort-fp32", "ov-fp32"):
         recipe = get_recipe(name)
         built[name] = backend_for(recipe).quantize(load_model(str(folder), cache), recipe, BuildContext()).transcriber
     return built

@@ -32,7 +32,7 @@ CALIBRATED_OPTIONS = ("awq", "scale_estimation", "gptq")
 OPENVINO_SESSIONS = """\
 core = openvino.Core()
 encoder, decoder = (
-    core.compile_model(f"{export}/{part}.xml", "CPU", {"INFERENCE_PRECISION_HINT": "PRECISION"})
+    core.compile_model(f"{export}/{part}.xml", "CPU", {"INFERENCE_PRECISION_HINT": "<precision>"})
     for part in ("encoder", "decoder")
 )
 encode = lambda feeds: list(encoder(feeds).values())  # noqa: E731
@@ -135,7 +135,7 @@ class OpenVINOBackend(Backend):
         shutil.copytree(quantized.model, out_dir, dirs_exist_ok=True)
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
-        sessions = OPENVINO_SESSIONS.replace("PRECISION", str(recipe.option("precision")))
+        sessions = OPENVINO_SESSIONS.replace("<precision>", str(recipe.option("precision")))
         return [graph_loader("openvino", ("openvino",), ("import openvino",), sessions, english_only)]
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
