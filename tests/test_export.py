@@ -42,6 +42,9 @@ CASES = {
     "quanto-int8": {"optimum-quanto": True},
     "quanto-int8-fp8-static": {"optimum-quanto": True},
     "ct2-int8": {"faster-whisper": True, "ctranslate2": True},
+    "faster-whisper-int8": {"faster-whisper": True, "ctranslate2": True},
+    "ort-int8": {"onnxruntime": True},
+    "ov-int4": {"openvino": True},
     "torch-int8-dynamic": {"whisper-ptq": False},
     "torch-int8-static": {"whisper-ptq": False},
     "fast:compile=false": {"whisper-ptq": False},  # the compile takes minutes on two cores
