@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param
 from whisper_ptq.errors import UserError
+from whisper_ptq.models.names import english_prompt
 from whisper_ptq.recipes import OptionValue, Recipe
 
 if TYPE_CHECKING:
@@ -143,8 +144,6 @@ class CTranslate2Backend(Backend):
         return Built(transcriber, saved_dir, ct2_info(transcriber))
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
-        from whisper_ptq.engines.ct2 import PROMPT_ENGLISH_ONLY, PROMPT_MULTILINGUAL
-
         device = "cpu" if "cpu" in recipe.devices else "cuda"
         kind = compute_type(recipe)
         faster_whisper = f"""\
@@ -159,7 +158,7 @@ for clip in sys.argv[2:]:
     )
     print("".join(segment.text for segment in segments))
 """
-        prompt = list(PROMPT_ENGLISH_ONLY if english_only else PROMPT_MULTILINGUAL)
+        prompt = list(english_prompt(english_only))
         exact = f"""\
 import sys
 

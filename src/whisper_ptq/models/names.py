@@ -6,6 +6,15 @@ ENCODER_PREFIX = "model.encoder."
 DECODER_PREFIX = "model.decoder."
 ENGLISH_ONLY_VOCAB_SIZE = 51864  # multilingual checkpoints have 51865 (51866 for large-v3)
 
+
+def english_prompt(english_only: bool) -> tuple[str, ...]:
+    """The special tokens that start a short-form English transcription without timestamps (what
+    `engines.decoding` prompts a clip of 30 s or less with), for load scripts written out in exports."""
+    if english_only:
+        return ("<|startoftranscript|>", "<|notimestamps|>")
+    return ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+
+
 # Whisper's language codes in token order (transformers' tokenization_whisper.LANGUAGES, checked by a test), for
 # refusing an unknown --language before the model stack loads. A model has the first 99 or all 100 (large-v3: yue).
 LANGUAGES = (
