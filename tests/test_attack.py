@@ -23,6 +23,7 @@ from whisper_ptq.backends import get_recipe
 from whisper_ptq.cli import main
 from whisper_ptq.errors import UserError
 from whisper_ptq.executors.local import worker_environment
+from whisper_ptq.export import FORMAT
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.outputs import SUMMARY_FILE, UTTERANCES_FILE, write_outputs
 from whisper_ptq.results.rows import UtteranceResult, summarize
@@ -282,9 +283,9 @@ def test_a_second_writer_is_refused_with_the_holders_pid_until_it_dies(tmp_path,
     out, exp = tmp_path / "out", experiment(tmp_path)
     hold = (
         "import sys, time; from pathlib import Path; from whisper_ptq.results.store import Store; "
-        "from whisper_ptq.studies.experiment import load_experiment; e = load_experiment(sys.argv[1]); "
+        "from whisper_ptq.studies.experiment import UNMEASURED, load_experiment; e = load_experiment(sys.argv[1]); "
         "Path(sys.argv[2]).mkdir(); store = Store.for_experiment(Path(sys.argv[2]) / 'results.sqlite', e.name, "
-        "e.config()); print('locked', flush=True); time.sleep(600)"
+        "e.config(), unmeasured=UNMEASURED); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(exp), str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -458,7 +459,9 @@ def test_a_valid_recipe_file_is_accepted(tmp_path):
 def test_an_exports_recipe_is_checked_too(tmp_path, shared_data, capsys):
     export = tmp_path / "export"
     export.mkdir()
-    (export / "whisper_ptq_export.json").write_text(json.dumps({"recipe": HQQ_INT7, "source_model": "tiny.en"}))
+    (export / "whisper_ptq_export.json").write_text(
+        json.dumps({"format": FORMAT, "recipe": HQQ_INT7, "source_model": "tiny.en"})
+    )
     code, err = run(capsys, "eval", "--model", str(export), "--dataset", "librispeech:test-clean")
     assert code == 2 and 'export.json: weights "int7" is not valid for hqq' in one_line_error(err)
 
