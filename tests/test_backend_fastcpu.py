@@ -108,3 +108,32 @@ def test_named_recipes_and_refusals() -> None:
         get_recipe("fast:decoder_threads=-1")
     with pytest.raises(UserError, match="keep and sensitive apply to weights=int8 only"):
         get_recipe("fast:weights=fp32,keep=encoder-first-layer")
+
+
+@pytest.mark.parametrize(
+    "flags, slow",
+    [
+        (["avx2", "fma"], ("no VNNI", "no native bf16")),  # an AVX2-only EPYC, where fast-cpu was 15x slower
+        (["avx2", "avx512f", "avx512_vnni"], ("no native bf16",)),  # Cascade Lake: VNNI without bf16
+        (["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"], ()),  # Sapphire Rapids
+    ],
+)
+def test_a_cpu_without_the_kernels_instructions_is_named_in_list(flags, slow, monkeypatch, capsys) -> None:
+    """The CPU decides whether fast-cpu's int8 GEMMs and bf16 attention beat fp32; `list` says when they
+    cannot, and fp32 linears with fp32 attention need nothing."""
+    import json
+
+    from whisper_ptq.backends import fastcpu
+    from whisper_ptq.cli import main
+
+    monkeypatch.setattr(fastcpu, "cpu_flags", lambda: flags)  # this machine's own CPU cannot change
+    assert main(["list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    note = rows["fast-cpu"]["slow_here"] or ""
+    assert all(part in note for part in slow) and bool(note) == bool(slow)
+    assert (
+        backend_for(get_recipe("fast:attention=sdpa,weights=fp32")).slow_here(
+            get_recipe("fast:attention=sdpa,weights=fp32"), "cpu"
+        )
+        is None
+    )

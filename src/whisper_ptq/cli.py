@@ -201,7 +201,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     rows = []
     for name, recipe in named_recipes().items():
-        reason = backend_for(recipe).check(recipe, args.device)
+        backend = backend_for(recipe)
+        reason = backend.check(recipe, args.device)
         rows.append(
             {
                 "name": name,
@@ -215,6 +216,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "description": recipe.description,
                 "runnable": reason is None,
                 "reason": reason,
+                "slow_here": backend.slow_here(recipe, args.device),
             }
         )
     if args.json:
@@ -232,6 +234,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     table.add_column(f"runs here ({args.device})", overflow="fold", ratio=2)
     for row in rows:
         verdict = "yes" if row["runnable"] else f"no: {row['reason']}"
+        if row["runnable"] and row["slow_here"]:
+            verdict = f"yes, but slow: {row['slow_here']}"
         table.add_row(row["name"], row["library"], row["scheme"], row["description"], verdict)
     Console(width=max(120, Console().width)).print(table)
     print("Parametric form: LIBRARY:key=value,... e.g. hqq:nbits=3,group_size=64 (a bad key lists the valid ones)")

@@ -6,6 +6,7 @@ once), and `Quantized.build` calls it again for library users."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from whisper_ptq.backends import backend_for
@@ -19,9 +20,14 @@ from whisper_ptq.settings import DecodingOptions, Settings
 
 
 def check_runnable(recipe: Recipe, device: str) -> None:
-    reason = backend_for(recipe).check(recipe, device)
+    """Refuse a recipe this machine cannot run; warn (stderr) about one its CPU runs slowly."""
+    backend = backend_for(recipe)
+    reason = backend.check(recipe, device)
     if reason:
         raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
+    slow = backend.slow_here(recipe, device)
+    if slow:
+        print(f"warning: recipe {recipe.name!r} is slow on this CPU: {slow}", file=sys.stderr)
 
 
 def preflight(

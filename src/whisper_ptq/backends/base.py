@@ -324,6 +324,11 @@ class Backend(ABC):
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
         """Map validated parameter values to a Recipe; raise UserError for impossible combinations."""
 
+    def slow_here(self, recipe: Recipe, device: str) -> str | None:
+        """Why this recipe runs slower than it should on this machine's CPU (None when nothing is known to):
+        shown by `list` and printed before a run, so a "fast" recipe is never silently slower than fp32."""
+        return None
+
     def check(self, recipe: Recipe, device: str) -> str | None:
         """Why this recipe cannot run on `device` here (None when it can)."""
         missing = [pkg for module, pkg in self.requires.items() if importlib.util.find_spec(module) is None]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
+from whisper_ptq.results.environment import cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,31 @@ KEEP_CHOICES = {
     "encoder-first-attention": (r"^model\.encoder\.layers\.0\.self_attn\.",),
     "encoder-first-layer": (r"^model\.encoder\.layers\.0\.",),
 }
+
+
+def cpu_shortfalls(recipe: Recipe) -> list[tuple[set[str], str]]:
+    """The instructions (any of these /proc/cpuinfo flags) the recipe's kernels need to beat fp32, and what
+    happens without them. Measured with one GEMM of whisper-base's MLP (1500x512 by 512x2048, 2 threads) on an
+    AVX2-only AMD EPYC: fp32 41 ms, bf16 219 ms, torch._int_mm int8 853 ms; fast-cpu there ran 14.8x slower
+    than transformers fp32 (issue 16)."""
+    shortfalls = []
+    if recipe.weights == "int8":
+        shortfalls.append(
+            (
+                {"avx512_vnni", "avx_vnni", "amx_int8"},
+                "no VNNI int8 instructions on this CPU: its int8 GEMMs run "
+                "up to 20x slower than fp32 here (fast-cpu-fp32, ct2-int8 or ort-int8 are faster on such CPUs)",
+            )
+        )
+    if recipe.option("attention") == "bf16":
+        shortfalls.append(
+            (
+                {"avx512_bf16", "amx_bf16"},
+                "no native bf16 on this CPU: the bf16 encoder attention runs about 5x "
+                "slower than fp32 here (attention=sdpa avoids it)",
+            )
+        )
+    return shortfalls
 
 
 def attention_info(attention: str) -> str:
@@ -119,6 +145,10 @@ class FastCPUBackend(Backend):
         ),
     }
 
+    def slow_here(self, recipe: Recipe, device: str) -> str | None:
+        missing = [why for needs, why in cpu_shortfalls(recipe) if not needs & set(cpu_flags())]
+        return "; ".join(missing) or None
+
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
         weights, head, keep = str(values["weights"]), str(values["head"]), values["keep"]
         threads = int(values["decoder_threads"])  # type: ignore[arg-type]
@@ -193,6 +223,8 @@ class FastCPUBackend(Backend):
             "decoder_threads": threads or torch.get_num_threads(),
             "compiled": bool(recipe.option("compile")),
             "compile_seconds": None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels: AVX2, AVX512, ...
+            "slow_here": self.slow_here(recipe, "cpu"),
         }
         if recipe.option("compile"):
             config = model.config
