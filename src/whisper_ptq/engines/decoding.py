@@ -26,6 +26,10 @@ compared under the same decoding:
 - **What happened** is returned with the text (`Transcript`): the language, whether a window stopped at the
   token limit (a runaway), the audio seconds decoded and the number of windows.
 
+An engine whose library has a decoding loop of its own may offer it as well (a `RecordingDecoder`: whisper.cpp's
+`whisper_full`, asked for by the recipe `whispercpp:decoding=native`): `transcribe` then hands it the whole
+recordings, and its rules are that library's, not these.
+
 Step-wise engines (the fast CPU engine; any ONNX Runtime or OpenVINO engine) do not write a window decoder:
 they implement `StepModel` (`encode` features, `start` the decoder on a prompt, `step` one token, `keep` some
 rows of their state), each step returning `Logits`, and `StepDecoding` supplies `decode` and
@@ -41,7 +45,7 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -120,6 +124,14 @@ class Transcript:
     windows: int
 
 
+@runtime_checkable
+class RecordingDecoder(Protocol):
+    """An engine that keeps its library's own decoding loop (whisper.cpp's `whisper_full`, chosen by a recipe
+    that asks for it): it transcribes whole recordings itself and maps the options onto its own parameters."""
+
+    def transcribe_recordings(self, audios: list[np.ndarray], options: DecodingOptions) -> list[Transcript]: ...
+
+
 # ------------------------------------------------------------------------------------------- vocabulary
 
 
@@ -193,8 +205,12 @@ def window_token_limit(prompt_length: int, max_target_positions: int) -> int:
 # ------------------------------------------------------------------------------------------- transcription
 
 
-def transcribe(engine: WindowDecoder, audios: Sequence[np.ndarray], options: DecodingOptions) -> list[Transcript]:
+def transcribe(
+    engine: WindowDecoder | RecordingDecoder, audios: Sequence[np.ndarray], options: DecodingOptions
+) -> list[Transcript]:
     """Text of each 16 kHz mono float32 recording, any length (see the module docstring)."""
+    if isinstance(engine, RecordingDecoder):
+        return engine.transcribe_recordings(list(audios), options)
     vocab = vocabulary(engine)
     if options.language not in (AUTO, "en") and vocab.multilingual and options.language not in vocab.languages:
         raise ValueError(f"this model has no language {options.language!r}")
