@@ -418,7 +418,6 @@ def whispercpp_info(transcriber: Any, stored: ModelFile) -> dict[str, Any]:
         * sum(stored.tensors[name][2] for name in linear)
         / sum(math.prod(stored.tensors[name][1]) for name in linear),
         "flash_attn": transcriber.flash_attn,
-        "whisper_threads": transcriber.threads_used,
         "decoding_loop": "whisper.cpp whisper_full (its own rules)"
         if isinstance(transcriber, WhisperCppNative)
         else "engines.decoding over whisper_encode / whisper_decode",

@@ -128,12 +128,13 @@ class Context:
         self.pointer = lib.whisper_init_from_file_with_params(str(path).encode(), params)
         if not self.pointer:
             raise _load_error(path)
+        self._free = lib.whisper_free  # held: module globals may be gone when the last reference dies at exit
         self.n_vocab = lib.whisper_n_vocab(self.pointer)
         self.n_text_ctx = lib.whisper_n_text_ctx(self.pointer)
 
     def __del__(self) -> None:
         if getattr(self, "pointer", None):
-            libwhisper().whisper_free(self.pointer)
+            self._free(self.pointer)
             self.pointer = None
 
     def encode(self, mel: np.ndarray, threads: int) -> None:
