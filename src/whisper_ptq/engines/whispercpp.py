@@ -171,7 +171,7 @@ class WhisperCppTranscriber(StepDecoding):
     """
 
     def __init__(self, path: Path, model: Any, processor: Any, threads: int, flash_attn: bool, workspace: Any = None):
-        self.model_path, self.processor, self.threads_used, self.flash_attn = path, processor, threads, flash_attn
+        self.processor, self.threads_used, self.flash_attn = processor, threads, flash_attn
         # Owns the converted file when it lives in a temporary directory, so `save` can copy it later.
         self.workspace: tempfile.TemporaryDirectory | None = workspace
         self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
@@ -192,8 +192,6 @@ class WhisperCppTranscriber(StepDecoding):
         return features
 
     def start(self, encoded: Any, prompt: Any, max_length: int) -> tuple[Logits, Any]:
-        if max_length > self.context.n_text_ctx:
-            raise ValueError(f"whisper.cpp's decoder has {self.context.n_text_ctx} positions, not {max_length}")
         return self._logits(self.context.decode(prompt[0].tolist(), 0, self.threads_used)), None
 
     def step(self, tokens: Any, position: int, state: Any) -> Logits:
@@ -225,7 +223,7 @@ class WhisperCppNative:
     def __init__(self, path: Path, multilingual: bool, threads: int, flash_attn: bool, workspace: Any = None):
         import _pywhispercpp as pw
 
-        self.model_path, self.multilingual, self.threads_used, self.flash_attn = path, multilingual, threads, flash_attn
+        self.multilingual, self.threads_used, self.flash_attn = multilingual, threads, flash_attn
         self.workspace: tempfile.TemporaryDirectory | None = workspace
         libwhisper()  # whisper.cpp's log goes to LOG, not stderr
         params = pw.whisper_context_default_params()
