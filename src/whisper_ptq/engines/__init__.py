@@ -3,7 +3,8 @@
 `decoding` does the rest, once for all of them: features, short and long form (OpenAI's sequential algorithm),
 language, task, beam size, fallback, batching. An engine implements `decoding.WindowDecoder` (`Transcriber`
 below), or, step-wise, `decoding.StepModel`. `hf` is transformers itself, `ct2` CTranslate2, `fast` this
-project's lean CPU engine (step-wise).
+project's lean CPU engine (step-wise), `whispercpp` whisper.cpp's encoder and decoder (step-wise) and its own
+decoding loop (`decoding.RecordingDecoder`).
 """
 
 from __future__ import annotations
