@@ -21,6 +21,7 @@ from whisper_ptq.backends.pytorch import PyTorchBackend
 from whisper_ptq.backends.quanto import QuantoBackend
 from whisper_ptq.backends.reference import ReferenceBackend
 from whisper_ptq.backends.torchao import TorchaoBackend
+from whisper_ptq.backends.whispercpp import WhisperCppBackend
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe, parse_params, read_recipe_file
 
@@ -38,6 +39,7 @@ BACKENDS: dict[str, Backend] = {
         FastCPUBackend(),
         OnnxRuntimeBackend(),
         OpenVINOBackend(),
+        WhisperCppBackend(),
     )
 }
 

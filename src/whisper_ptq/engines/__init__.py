@@ -4,7 +4,8 @@
 language, task, beam size, fallback, batching. An engine implements `decoding.WindowDecoder` (`Transcriber`
 below), or, step-wise, `decoding.StepModel`. `hf` is transformers itself, `ct2` CTranslate2, `fast` this
 project's lean CPU engine (step-wise), `onnx` ONNX Runtime and `openvino` OpenVINO (step-wise over the exported
-graphs of `graphs`). `faster_whisper` is the exception by design: a `decoding.Pipeline`, faster-whisper's own
+graphs of `graphs`), `whispercpp` whisper.cpp's encoder and decoder (step-wise). `faster_whisper` and
+whisper.cpp's own `whisper_full` loop are the exception by design: `decoding.Pipeline`s, each library's own
 pipeline with its own defaults, for reproducing what its users get.
 """
 

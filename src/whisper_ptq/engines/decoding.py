@@ -26,16 +26,18 @@ compared under the same decoding:
 - **What happened** is returned with the text (`Transcript`): the language, whether a window stopped at the
   token limit (a runaway), the audio seconds decoded and the number of windows.
 
-An engine may instead be a `Pipeline`: a library's own recording-level transcription (faster-whisper's), run as
-that library's users run it; `transcribe` hands it the recordings and the options.
+An engine may instead be a `Pipeline`: a library's own recording-level transcription (faster-whisper's
+`WhisperModel.transcribe`; whisper.cpp's `whisper_full`, asked for by `whispercpp:decoding=native`), run as that
+library's users run it; `transcribe` hands it the recordings and the options.
 
-Step-wise engines (the fast CPU engine; the ONNX Runtime and OpenVINO engines, `engines.graphs.GraphDecoding`)
-do not write a window decoder: they implement `StepModel` (`encode` features, `start` the decoder on a prompt,
-`step` one token, `keep` some rows of their state), each step returning `Logits`, and `StepDecoding` supplies `decode`
-and `detect_language` on top: greedy search (sampling for fallback) with Whisper's suppressed tokens and
-OpenAI's timestamp rules, rows leaving the batch at their end-of-text. `Logits.shortlist` lets an engine
-give approximate logits for the whole vocabulary (the fast engine's int8 head) and exact ones for the few
-best candidates: the token is chosen among those, re-scored. Step-wise engines search greedily only.
+Step-wise engines (the fast CPU engine; the ONNX Runtime and OpenVINO engines, `engines.graphs.GraphDecoding`;
+the whisper.cpp engine) do not write a window decoder: they implement `StepModel` (`encode` features, `start`
+the decoder on a prompt, `step` one token, `keep` some rows of their state), each step returning `Logits`, and
+`StepDecoding` supplies `decode` and `detect_language` on top: greedy search (sampling for fallback) with
+Whisper's suppressed tokens and OpenAI's timestamp rules, rows leaving the batch at their end-of-text.
+`Logits.shortlist` lets an engine give approximate logits for the whole vocabulary (the fast engine's int8 head)
+and exact ones for the few best candidates: the token is chosen among those, re-scored. Step-wise engines search
+greedily only.
 """
 
 from __future__ import annotations
