@@ -91,6 +91,17 @@ def test_datasets_take_labels_and_reference_by_label() -> None:
     assert Experiment.from_config(experiment.config()) == experiment
 
 
+def test_a_label_finds_its_dataset_stored_under_the_canonical_spec() -> None:
+    """Tasks are stored under the spec with every modifier parameter filled in; the label typed beside the short
+    form still names it in every table."""
+    from whisper_ptq.report.analysis import Layout, System
+
+    stored = "librispeech:test-clean+concat:seconds=70,within=chapter,pause=0.5"
+    system = System("base", "fp32", {}, {}, {stored: None})  # type: ignore[dict-item]
+    layout = Layout.of([system], {"librispeech:test-clean+concat:seconds=70": "joined"})
+    assert layout.label(stored) == "joined"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -295,6 +295,12 @@ class _Spec:
         return "+".join([self.base, *(m.spec for m in self.modifiers)])
 
 
+def canonical_spec(spec: str) -> str:
+    """The spec as tasks are stored under it: the kind's canonical base, every modifier with all its parameters
+    (`librispeech:test-clean+concat:seconds=70` -> `...+concat:seconds=70,within=chapter,pause=0.5`)."""
+    return _parse_spec(spec).canonical
+
+
 def _parse_spec(spec: str) -> _Spec:
     parsed = parse_dataset_spec(spec)
     kind = KINDS.get(parsed.kind)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from whisper_ptq.data.datasets import canonical_spec
 from whisper_ptq.data.specs import parse_dataset_spec
 from whisper_ptq.recipes import is_baseline
 from whisper_ptq.report.tables import format_p
@@ -198,7 +199,7 @@ class Layout:
     ) -> Layout:
         """`names`: the experiment's labels by dataset as listed; `reference`: its `reference_dataset`."""
         specs = list(dict.fromkeys(d for s in systems for d in s.measures))
-        clean_names = {parse_dataset_spec(spec).clean: label for spec, label in (names or {}).items()}
+        clean_names = {parse_dataset_spec(canonical_spec(spec)).clean: label for spec, label in (names or {}).items()}
         infos = [parse_dataset(d, clean_names) for d in specs]
         labels = {i.spec: i.label for i in infos}
         clean = [i.spec for i in infos if i.snr is None] or specs[:1]

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 
 from whisper_ptq.data.specs import parse_dataset_spec
-from whisper_ptq.report.analysis import Layout, System, parse_dataset
+from whisper_ptq.report.analysis import Layout, System
 from whisper_ptq.report.tables import Table
 from whisper_ptq.results.rows import UtteranceResult, summarize
 
@@ -26,7 +26,7 @@ def failure_table(systems: Sequence[System], layout: Layout) -> Table | None:
             rows.append(
                 [
                     system.label,
-                    parse_dataset(dataset).label,
+                    layout.label(dataset),
                     f"{f['wer']:.2f}",
                     *(str(f[k]) for k in ("substitutions", "deletions", "insertions", "runaways", "long_utterances")),
                     f"{f['decoded_seconds']:.1f} of {f['audio_seconds']:.1f}",
@@ -66,7 +66,7 @@ def long_short_table(systems: Sequence[System], layout: Layout) -> Table | None:
             rows.append(
                 [
                     system.label,
-                    parse_dataset(joined).label,
+                    layout.label(joined),
                     f"{len(recordings)} ({len(members)} clips, {long['audio_seconds'] / len(recordings):.0f} s each)",
                     f"{long['wer']:.2f}",
                     f"{short['wer']:.2f}",
