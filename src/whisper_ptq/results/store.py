@@ -217,9 +217,9 @@ class Store:
             return store
         store.close()
         if not force:
-            old = store.experiment.config
-            changed = [key for key in sorted({*old, *config}) if old.get(key) != config.get(key)]
-            what = ", ".join(f"{key} {_brief(old.get(key))} then, {_brief(config.get(key))} now" for key in changed)
+            old, new = _measured(store.experiment.config, unmeasured), _measured(config, unmeasured)
+            changed = [key for key in sorted({*old, *new}) if old.get(key) != new.get(key)]
+            what = ", ".join(f"{key} {_brief(old.get(key))} then, {_brief(new.get(key))} now" for key in changed)
             raise UserError(
                 f"{path.parent} holds results of a different experiment ({store.experiment.name!r}: {what}); "
                 + FORCE_HINT
