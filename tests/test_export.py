@@ -50,6 +50,9 @@ CASES = {
     "fast:compile=false": {"whisper-ptq": False},  # the compile takes minutes on two cores
     "mixed": {"whisper-ptq": False},
 }
+# Run by the default suite (one per kind of loader: transformers, a library's own, a runtime's, whisper-ptq's); the
+# rest are `heavy` (pytest -m heavy).
+DEFAULT_CASES = ("bnb-int8", "quanto-int8", "ct2-int8", "torch-int8-dynamic")
 # A plan as `whisper-ptq search` writes them: one library, some groups of layers
 MIXED = mixed_recipe("mixed", [PlanEntry("encoder MLP", (r"encoder\.layers\.\d+\.fc",), get_recipe("hqq-int4"))])
 
@@ -91,7 +94,9 @@ def run_script(script: str, export: Path, clips: list[str], tmp_path: Path) -> t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name", [name if name in DEFAULT_CASES else pytest.param(name, marks=pytest.mark.heavy) for name in CASES]
+)
 def test_every_load_script_of_the_card_transcribes(name, clips, model_cache, shared_data, tmp_path) -> None:
     q = whisper_ptq.quantize(
         "tiny.en", recipe_for(name), cache_dir=model_cache, data_root=shared_data, calibration_limit=8, threads=2

@@ -134,7 +134,7 @@ def test_every_engine_decodes_like_transformers(family, speech, model_cache: Pat
     assert_decode_like_transformers(family, speech, model_cache, ("ct2-float32", "fast-cpu-fp32"))
 
 
-@pytest.mark.slow  # exporting and compiling the graphs of four families takes minutes on two cores
+@pytest.mark.heavy  # exporting and compiling the graphs of four families takes 15 minutes on two cores
 def test_the_graph_runtimes_decode_like_transformers(family, speech, model_cache: Path) -> None:
     """The exported graphs in ONNX Runtime and OpenVINO (fp32), under the shared search."""
     assert_decode_like_transformers(family, speech, model_cache, ("ort-fp32", "ov-fp32"))
@@ -164,7 +164,7 @@ def assert_decode_like_transformers(family, speech, model_cache: Path, recipes: 
         assert transcribe(engine, [recording], DecodingOptions()) == expected_long, engine_name
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 20 quantizations, four fast-cpu compiles
 @pytest.mark.parametrize(
     "recipe", ["torch-int8-dynamic", "quanto-int8", "hqq-int4", "torchao-int8-dynamic", "fast-cpu"]
 )
