@@ -384,3 +384,22 @@ def test_failure_modes_and_long_recordings_beside_their_clips(tmp_path: Path) ->
     fp32 = summarize([UtteranceResult(**u) for u in results[0]["utterances"]])
     assert f"| 2 (20 clips, 68 s each) | {fp32['wer']:.2f} | {fp32['wer']:.2f} | +0.00 | 0 / 0 |" in markdown
     assert "| +1.50 | 0 / 0 |" in markdown  # 3 extra insertions per 200-word recording for the second recipe
+
+
+def test_a_winner_is_quantized_and_not_significantly_worse_than_fp32(tmp_path: Path) -> None:
+    """Under a loose tolerance a recipe significantly worse than fp32 may still be within it: it is listed to
+    avoid and never also named fastest; an unquantized conversion (a runtime at fp32) is fast but no winner."""
+    recipes = [
+        Synthetic("fp32", {}, 0.12, 0.0, 32.0),
+        Synthetic("runtime-fp32", {}, 0.05, 0.0, 32.0),  # the fastest, unquantized
+        Synthetic("worse-int8", {OTHER: dict.fromkeys(range(N_UTT), 1)}, 0.06, 0.57, 8.0),  # +1 error each
+        Synthetic("good-int8", {}, 0.09, 0.57, 8.0),
+    ]
+    results = make_results(recipes=recipes)
+    for t in results:
+        if t["recipe"] == "runtime-fp32":
+            t["recipe_spec"] = {"library": "onnxruntime", "weights": "fp32"}
+    (g,) = report.write_report(tmp_path, results, {"tolerance": 50})["guidance"]
+    assert {"runtime-fp32", "worse-int8", "good-int8"} <= set(g["within_tolerance"])
+    assert g["fastest"]["recipe"] == "good-int8"
+    assert "worse-int8" in [a["recipe"] for a in g["avoid"]]

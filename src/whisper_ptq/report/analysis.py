@@ -300,6 +300,7 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
 
 
 WITHIN, UNDECIDED, EXCEEDS = "within", "undecided", "exceeds"
+UNQUANTIZED = ("fp32", "fp16", "bf16")  # Recipe.weights of the references and of unquantized conversions
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,14 @@ def _model_guidance(
     out["tolerance_checks"] = [c.to_dict() for c in checks]
     out["within_tolerance"] = [s.recipe for s in within]
     checked = {c.comparison.system.recipe: c for c in checks}
+    # Winners are quantized (an unquantized conversion is a runtime, not a quantization) and not significantly
+    # worse than fp32 on the reference dataset: such a recipe is one to avoid (`_avoid`), never also recommended.
+    within = [
+        s
+        for s in within
+        if s.spec.get("weights") not in UNQUANTIZED
+        and not (on_ref[s.recipe].significant and on_ref[s.recipe].test.difference > 0)
+    ]
     fastest = min(within, key=lambda s: _worst_if_nan(s.rtf(layout.clean)), default=None)
     smallest = min(within, key=lambda s: _worst_if_nan(s.size_bytes), default=None)
     out["fastest"] = _numbers(fastest, base, layout, checked[fastest.recipe]) if fastest else None
