@@ -116,6 +116,22 @@ def cross_names(layers: int) -> list[str]:
     return [f"{kind}_{i}" for i in range(layers) for kind in ("cross_key", "cross_value")]
 
 
+def exportable_graphs(model: Any) -> list[tuple[nn.Module, tuple, list[str], list[str]]]:
+    """(graph, example inputs, input names, output names) of the encoder, then the decoder: what every
+    runtime's converter is given, so the ONNX and OpenVINO graphs have the same inputs and outputs."""
+    layers = model.config.decoder_layers
+    features, decoder_inputs = example_inputs(model)
+    return [
+        (EncoderGraph(model).eval(), (features,), ["input_features"], cross_names(layers)),
+        (
+            DecoderGraph(model).eval(),
+            decoder_inputs,
+            ["input_ids", *layer_names(layers)],
+            ["logits", *present_names(layers)],
+        ),
+    ]
+
+
 def example_inputs(model: Any, batch: int = 2, past: int = 3, new: int = 2) -> tuple[torch.Tensor, tuple]:
     """Example inputs of both graphs (encoder features; decoder tokens and caches), for tracing exporters."""
     config = model.config

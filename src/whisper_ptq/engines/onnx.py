@@ -26,19 +26,10 @@ def export_onnx(model: Any, out_dir: Path, tie_head: bool = True) -> None:
     form ORT's quantizers quantize."""
     import torch
 
-    from whisper_ptq.engines.graphs import (
-        DecoderGraph,
-        EncoderGraph,
-        cross_names,
-        example_inputs,
-        layer_names,
-        present_names,
-    )
+    from whisper_ptq.engines.graphs import cross_names, exportable_graphs, layer_names, present_names
 
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = model.config.decoder_layers
-    features, decoder_inputs = example_inputs(model)
-    decoder_in, decoder_out = ["input_ids", *layer_names(layers)], ["logits", *present_names(layers)]
     axes: dict[str, dict[int, str]] = {"input_features": {0: "batch"}, "input_ids": {0: "batch", 1: "new"}}
     axes |= {name: {0: "batch"} for name in ["logits", *cross_names(layers)]}
     axes |= {name: {0: "batch", 2: "past"} for name in layer_names(layers) if name.startswith("past")}
@@ -46,12 +37,11 @@ def export_onnx(model: Any, out_dir: Path, tie_head: bool = True) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        for graph, inputs, names_in, names_out, file in (
-            (EncoderGraph(model), (features,), ["input_features"], cross_names(layers), ENCODER),
-            (DecoderGraph(model), decoder_inputs, decoder_in, decoder_out, DECODER),
+        for (graph, inputs, names_in, names_out), file in zip(
+            exportable_graphs(model), (ENCODER, DECODER), strict=True
         ):
             torch.onnx.export(
-                graph.eval(),
+                graph,
                 inputs,
                 str(out_dir / file),
                 input_names=names_in,

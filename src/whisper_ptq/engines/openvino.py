@@ -20,26 +20,13 @@ def convert_openvino(model: Any) -> tuple[Any, Any]:
     import openvino as ov
     import torch
 
-    from whisper_ptq.engines.graphs import (
-        DecoderGraph,
-        EncoderGraph,
-        cross_names,
-        example_inputs,
-        layer_names,
-        present_names,
-    )
+    from whisper_ptq.engines.graphs import exportable_graphs
 
-    layers = model.config.decoder_layers
-    features, decoder_inputs = example_inputs(model)
-    decoder_in, decoder_out = ["input_ids", *layer_names(layers)], ["logits", *present_names(layers)]
     converted = []
     with torch.no_grad():
-        for graph, inputs, names_in, names_out in (
-            (EncoderGraph(model), (features,), ["input_features"], cross_names(layers)),
-            (DecoderGraph(model), decoder_inputs, decoder_in, decoder_out),
-        ):
+        for graph, inputs, names_in, names_out in exportable_graphs(model):
             shapes = [ov.PartialShape([-1] * len(t.shape)) for t in inputs]
-            ov_model = ov.convert_model(graph.eval(), example_input=inputs, input=shapes)
+            ov_model = ov.convert_model(graph, example_input=inputs, input=shapes)
             for port, name in zip(ov_model.inputs, names_in, strict=True):
                 port.get_tensor().set_names({name})
             for port, name in zip(ov_model.outputs, names_out, strict=True):
