@@ -21,20 +21,30 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, cpu_flags, force_cpu_class, isa_variables
 
-from whisper_ptq.backends import get_recipe
-from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset
-from whisper_ptq.evaluation import Quantized
-from whisper_ptq.results.environment import cpu_model, peak_rss_bytes
-from whisper_ptq.results.metrics import corpus_rates, score_utterance
-from whisper_ptq.settings import Settings
+if "--cpu-class" in sys.argv[:-1]:  # before torch loads: the libraries read their ISA caps once
+    force_cpu_class(sys.argv[sys.argv.index("--cpu-class") + 1])
+
+import numpy as np  # noqa: E402
+
+from whisper_ptq.backends import get_recipe  # noqa: E402
+from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset  # noqa: E402
+from whisper_ptq.evaluation import Quantized  # noqa: E402
+from whisper_ptq.results.environment import cpu_model, peak_rss_bytes  # noqa: E402
+from whisper_ptq.results.metrics import corpus_rates, score_utterance  # noqa: E402
+from whisper_ptq.settings import Settings  # noqa: E402
+
+DEFAULT_RECIPES = ["fp32", "fast-cpu", "ct2-int8", "ov-int8", "ort-int8", "whispercpp-q8_0"]
+BUCKETS = (0.0, 5.0, 10.0, 20.0, 30.0)  # utterance length bounds (s): Whisper pads every window to 30 s
 
 
 @dataclass
@@ -42,19 +52,30 @@ class Timings:
     """Seconds per (recipe, batch size), one entry per repeat; hypotheses of the first repeat."""
 
     seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    per_batch: dict[tuple[str, int], list[list[float]]] = field(default_factory=dict)  # per repeat, per batch
     texts: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base")
-    p.add_argument("--recipes", nargs="+", default=["fp32", "fast-cpu"], help="the first one is the baseline")
+    p.add_argument(
+        "--recipes", nargs="+", default=DEFAULT_RECIPES, help="the first one is the baseline (default: %(default)s)"
+    )
+    p.add_argument("--subject", default="fast-cpu", help="the recipe whose speed-ups over every other are listed")
+    p.add_argument(
+        "--cpu-class",
+        choices=sorted(FORCE_CLASS_ENV),
+        default=None,
+        help="run the kernels of a lower CPU class (ISA caps for oneDNN, ATen, fbgemm, MKL, CTranslate2)",
+    )
     p.add_argument("--dataset", default="librispeech:test-other")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--limit", type=int, default=None, help="first N utterances (all by default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--settle", type=float, default=0.25, help="untimed pause before each timed call (s)")
     p.add_argument("--overhead-repeats", type=int, default=2, help="evaluate/bare pairs per recipe (0: skip)")
     p.add_argument("--overhead-batch-size", type=int, default=None, help="default: the largest batch size")
     p.add_argument("--no-memory", action="store_true", help="skip the per-recipe peak-memory processes")
@@ -82,21 +103,33 @@ def warm_up(sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: lis
 
 
 def time_interleaved(
-    sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int], repeats: int
+    sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int], repeats: int, settle: float
 ) -> Timings:
-    """Every batch is transcribed by every recipe in turn before the next batch starts."""
+    """Each recipe transcribes every batch in turn (a pass); the recipes' passes alternate, in reversed order
+    every other repeat (A B C, C B A, ...) so that drift hits all alike. Before a pass, untimed: `settle`
+    seconds of sleep (a runtime's worker threads spin after their work: Intel OpenMP's KMP_BLOCKTIME is 200 ms,
+    CTranslate2 ships it, and they would take the cores of the next recipe) and one warm-up batch (the previous
+    recipe evicted this one's weights from the caches). Why passes and not batches: interleaving every batch
+    measures each recipe with a cold cache, which no deployment sees, and penalizes a small model most (fast-cpu
+    on an AMX Xeon: RTF 0.038 alone, 0.062 batch-interleaved with transformers fp32)."""
     timings = Timings()
     for repeat in range(repeats):
+        order = list(sessions) if repeat % 2 == 0 else list(reversed(sessions))
         for size in sizes:
-            totals = dict.fromkeys(sessions, 0.0)
-            for batch in batches(audios, size):
-                for name, session in sessions.items():
-                    texts, seconds = session.transcribe_timed(batch)
-                    totals[name] += seconds
-                    if repeat == 0:
-                        timings.texts.setdefault((name, size), []).extend(t.text.strip() for t in texts)
-            for name, seconds in totals.items():
-                timings.seconds.setdefault((name, size), []).append(seconds)
+            for name in order:
+                session = sessions[name]
+                time.sleep(settle)
+                session.transcribe_timed(audios[:size])
+                total, per_batch, texts = 0.0, [], []
+                for batch in batches(audios, size):
+                    hypotheses, seconds = session.transcribe_timed(batch)
+                    total += seconds
+                    per_batch.append(seconds)
+                    texts.extend(t.text.strip() for t in hypotheses)
+                timings.seconds.setdefault((name, size), []).append(total)
+                timings.per_batch.setdefault((name, size), []).append(per_batch)
+                if repeat == 0:
+                    timings.texts[(name, size)] = texts
         print(f"repeat {repeat + 1}/{repeats} done", flush=True)
     return timings
 
@@ -118,11 +151,51 @@ def speed_rows(timings: Timings, names: list[str], sizes: list[int], audio_s: fl
                     "recipe": name,
                     "batch_size": size,
                     "rtf": spread([s / audio_s for s in seconds]),
+                    "rtfx": spread([audio_s / s for s in seconds]),
                     "speedup_vs_" + baseline: spread(ratios),
                     "wer": wer,
                 }
             )
     return rows
+
+
+def length_buckets(timings: Timings, names: list[str], audios: list[np.ndarray]) -> list[dict]:
+    """Batch 1, per utterance-length bucket: each recipe's RTF (median over repeats) and its speed-up over the
+    baseline (median of the per-repeat ratios). Short clips pay the full 30 s encoder."""
+    durations = [len(a) / SAMPLE_RATE for a in audios]
+    rows = []
+    for low, high in zip(BUCKETS, BUCKETS[1:], strict=False):
+        members = [i for i, d in enumerate(durations) if low <= d < high]
+        if not members or (names[0], 1) not in timings.per_batch:
+            continue
+        audio_s = sum(durations[i] for i in members)
+        seconds = {n: [sum(rep[i] for i in members) for rep in timings.per_batch[(n, 1)]] for n in names}
+        rows.append(
+            {
+                "bucket_s": [low, high],
+                "utterances": len(members),
+                "rtf": {n: statistics.median(v) / audio_s for n, v in seconds.items()},
+                "speedup": {
+                    n: statistics.median(b / x for b, x in zip(seconds[names[0]], v, strict=True))
+                    for n, v in seconds.items()
+                },
+            }
+        )
+    return rows
+
+
+def subject_ratios(timings: Timings, subject: str, names: list[str], sizes: list[int]) -> dict[str, dict]:
+    """Per batch size: how many times faster `subject` is than each other recipe (per-repeat ratios)."""
+    return {
+        str(size): {
+            other: spread(
+                [o / x for o, x in zip(timings.seconds[(other, size)], timings.seconds[(subject, size)], strict=True)]
+            )
+            for other in names
+            if other != subject
+        }
+        for size in sizes
+    }
 
 
 def batch_consistency(timings: Timings, names: list[str], sizes: list[int]) -> dict[str, int]:
@@ -174,20 +247,30 @@ def print_report(report: dict[str, Any]) -> None:
     key = "speedup_vs_" + baseline
     print(
         f"\n{report['model']} on {report['dataset']}: {report['utterances']} utterances, {report['audio_s']:.0f} s "
-        f"of audio, {report['threads']} threads, {report['repeats']} repeats (interleaved by batch)"
+        f"of audio, {report['threads']} threads, {report['repeats']} repeats (passes interleaved)"
     )
     print(
         f"{'recipe':<22}{'batch':>6}{'RTF min':>10}{'median':>9}{'max':>9}   "
-        f"{'x vs ' + baseline + ' min':>16}{'median':>8}{'max':>8}{'WER':>8}{'dWER':>7}"
+        f"{'x vs ' + baseline + ' min':>16}{'median':>8}{'max':>8}{'RTFx':>7}{'WER':>8}{'dWER':>7}"
     )
     base_wer = {r["batch_size"]: r["wer"] for r in report["speed"] if r["recipe"] == baseline}
     for r in report["speed"]:
         rtf, ratio = r["rtf"], r[key]
         print(
             f"{r['recipe']:<22}{r['batch_size']:>6}{rtf['min']:>10.4f}{rtf['median']:>9.4f}{rtf['max']:>9.4f}   "
-            f"{ratio['min']:>16.2f}{ratio['median']:>8.2f}{ratio['max']:>8.2f}"
+            f"{ratio['min']:>16.2f}{ratio['median']:>8.2f}{ratio['max']:>8.2f}{r['rtfx']['median']:>7.1f}"
             f"{r['wer']:>8.2f}{r['wer'] - base_wer[r['batch_size']]:>+7.2f}"
         )
+    print(f"CPU: {report['cpu']}; class {report['cpu_class']}; flags {' '.join(report['cpu_flags'])}")
+    if report["isa_caps"]:
+        print(f"ISA caps (forced): {report['isa_caps']}")
+    for row in report["buckets"]:
+        low, high = row["bucket_s"]
+        cells = "  ".join(f"{n} {row['rtf'][n]:.4f} ({row['speedup'][n]:.2f}x)" for n in report["recipes"])
+        print(f"batch 1, {low:g}-{high:g} s ({row['utterances']} utterances): RTF (x vs {baseline}) {cells}")
+    for size, ratios in report["subject_ratios"].items():
+        cells = ", ".join(f"{other} {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" for other, r in ratios.items())
+        print(f"batch {size}: {report['subject']} is x times faster than: {cells}")
     print("\nhypotheses differing between batch sizes:", report["batch_differences"])
     for name, facts in report["sessions"].items():
         print(
@@ -215,7 +298,7 @@ def main() -> None:
     )
     sessions = open_sessions(args, settings)
     warm_up(sessions, audios, sizes)
-    timings = time_interleaved(sessions, audios, sizes, args.repeats)
+    timings = time_interleaved(sessions, audios, sizes, args.repeats, args.settle)
     overhead_size = args.overhead_batch_size or max(sizes)
     report = {
         "model": args.model,
@@ -227,6 +310,11 @@ def main() -> None:
         "recipes": args.recipes,
         "speed": speed_rows(timings, args.recipes, sizes, audio_s, refs),
         "batch_differences": batch_consistency(timings, args.recipes, sizes),
+        "buckets": length_buckets(timings, args.recipes, audios),
+        "subject": args.subject,
+        "subject_ratios": subject_ratios(timings, args.subject, args.recipes, sizes)
+        if args.subject in args.recipes
+        else {},
         "evaluator_overhead": {
             name: evaluator_overhead(session, dataset, audios, overhead_size, args.overhead_repeats)
             for name, session in sessions.items()
@@ -238,11 +326,26 @@ def main() -> None:
                 "quantize_seconds": s.info["quantize_seconds"],
                 "compile_seconds": s.info.get("compile_seconds"),
                 "peak_rss_mb": round(memory[name] / 2**20) if name in memory else None,
-                "knobs": {k: s.info.get(k) for k in ("engine", "lm_head", "attention", "decoder_threads", "compiled")},
+                "knobs": {
+                    k: s.info.get(k)
+                    for k in (
+                        "engine",
+                        "cpu_class",
+                        "kernel_plan",
+                        "lm_head",
+                        "attention",
+                        "decoder_threads",
+                        "compiled",
+                    )
+                },
             }
             for name, s in sessions.items()
         },
         "cpu": cpu_model(),
+        "cpu_class": cpu_class(),
+        "cpu_flags": cpu_flags(),
+        "isa_caps": {v: os.environ[v] for v in isa_variables() if v in os.environ},
+        "command": " ".join(sys.argv),
     }
     print_report(report)
     if args.json:

@@ -1,13 +1,16 @@
-"""The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 per-token GEMMs, lean greedy loop), optionally
-with the encoder compiled by `torch.compile` (inductor fuses the per-row quantization into its neighbours).
+"""The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 GEMMs, lean greedy loop), its kernels chosen
+per CPU class (`KERNEL_PLANS`), the encoder compiled by `torch.compile` (inductor fuses the per-row
+quantization and the casts into their neighbours).
 
-The speed knobs land in `Built.info` (summary.json, results database): engine, linear kinds and counts,
-LM head, attention, decoder threads, whether and how long the encoder was compiled.
+The speed knobs land in `Built.info` (summary.json, results database): engine, CPU class and plan, linear kinds
+and counts, LM head, attention, decoder threads, whether and how long the encoder was compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
-from whisper_ptq.results.environment import cpu_flags
+from whisper_ptq.results.environment import CPU_CLASSES, cpu_class
 
 if TYPE_CHECKING:
     import torch
@@ -25,59 +28,133 @@ if TYPE_CHECKING:
     from whisper_ptq.engines.fast import FastTranscriber
 
 KINDS = ("int8", "fp32")
-SENSITIVE = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names
 STATE_FILE = "model.pt"
-ATTENTIONS = ("sdpa", "bf16")  # the keys of engines.fast.ENCODER_ATTENTION
-# What `keep` names, as regexes over transformers module names (Recipe.keep). The first encoder layer's
-# attention input has outlier channels (LayerNorm output of the conv stem): the one place where per-token int8
-# costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for any other layer).
-KEEP_CHOICES = {
-    None: (),
-    "encoder-first-attention": (r"^model\.encoder\.layers\.0\.self_attn\.",),
-    "encoder-first-layer": (r"^model\.encoder\.layers\.0\.",),
+# The first encoder layer's attention input has outlier channels (LayerNorm output of the conv stem): the one
+# place where per-token int8 costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for
+# any other layer), so an int8 encoder keeps it at the plan's `sensitive` precision.
+FIRST_ATTENTION = (r"^model\.encoder\.layers\.0\.self_attn\.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """The kernels of one CPU class: keys of `engines.fast.LINEAR_KINDS` for the encoder's linears (`keep`
+    regexes name those at `sensitive` precision, which the conv stem takes too), the decoder's linears and the
+    LM head's int8 pass; a key of `engines.fast.ENCODER_ATTENTION`. `why`: what was measured."""
+
+    encoder: str
+    attention: str
+    decoder: str
+    head: str
+    sensitive: str = "fp32"
+    keep: tuple[str, ...] = ()
+    cross: str = "fp32"  # a key of engines.fast.CROSS_ATTENTION
+    compile: bool = False  # torch.compile the encoder where inductor's fusions pay (the int8 encoders)
+    why: str = ""
+
+
+# Chosen by measurement (whisper-base, 2 threads; README "Speed per CPU class"). Decoder steps (1-8 rows) run
+# fbgemm's packed int8 GEMV on every x86 class: 2-3x faster than `_int_mm` and fp32 there. The encoder (1500 rows)
+# runs what is fastest at full width: AMX bf16 tiles, VNNI int8, or fp32 where int8 does not pay.
+KERNEL_PLANS: dict[str, KernelPlan] = {
+    "amx": KernelPlan(
+        encoder="bf16",
+        attention="sdpa-bf16",
+        decoder="int8-dynamic",
+        head="int8-dynamic",
+        sensitive="bf16",
+        cross="bf16",
+        why="AMX: the encoder's 36 linears of whisper-base at 1500 rows take 56-61 ms in bf16, 139-162 ms in "
+        "int8 `_int_mm`, 225-258 ms in fp32; bf16 flash attention 12 ms a layer against fp32's 26",
+    ),
+    "avx512-bf16": KernelPlan(
+        encoder="int8",
+        attention="bf16",
+        decoder="int8-dynamic",
+        head="int8-dynamic",
+        sensitive="bf16",
+        keep=FIRST_ATTENTION,
+        cross="bf16",
+        compile=True,
+        why="AVX-512 VNNI and BF16 without AMX: the plan the engine was tuned with (2.66x fp32 at batch 1); "
+        "its decoder now fbgemm's",
+    ),
+    "avx512-vnni": KernelPlan(
+        encoder="int8",
+        attention="sdpa",
+        decoder="int8-dynamic",
+        head="int8-dynamic",
+        keep=FIRST_ATTENTION,
+        compile=True,
+        why="VNNI without native bf16: int8 encoder GEMMs, fp32 attention (bf16 would be emulated)",
+    ),
+    "avx2": KernelPlan(
+        encoder="fp32",
+        attention="sdpa",
+        decoder="int8-dynamic-7bit",
+        head="int8-dynamic-7bit",
+        why="no VNNI: `_int_mm` 8x and bf16 14x slower than fp32 at the encoder's width, fbgemm int8 only 1.1x "
+        "faster there; the decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x faster than fp32",
+    ),
+    "portable": KernelPlan(
+        encoder="fp32",
+        attention="sdpa",
+        decoder="fp32",
+        head="fp32",
+        why="no measured int8 plan (ARM, old x86): the lean loop in fp32, never slower than transformers",
+    ),
+}
+# The instructions each plan's kernels need to beat fp32, and what happens without them (issue 16: on an
+# AVX2-only EPYC the AVX-512 plan's `_int_mm` GEMM ran 853 ms against fp32's 41 ms, fast-cpu 14.8x slower
+# than transformers fp32).
+PLAN_NEEDS = {
+    "amx": "AMX: without it its bf16 GEMMs and attention run up to 15x slower than fp32",
+    "avx512-bf16": "AVX-512 BF16 and VNNI: without them its int8 encoder GEMMs run up to 20x, its bf16 "
+    "attention 5x slower than fp32",
+    "avx512-vnni": "AVX-512 VNNI: without it its int8 encoder GEMMs run up to 20x slower than fp32",
+    "avx2": "AVX2 and FMA",
+    "portable": "",
 }
 
 
-def cpu_shortfalls(recipe: Recipe) -> list[tuple[set[str], str]]:
-    """The instructions (any of these /proc/cpuinfo flags) the recipe's kernels need to beat fp32, and what
-    happens without them. Measured with one GEMM of whisper-base's MLP (1500x512 by 512x2048, 2 threads) on an
-    AVX2-only AMD EPYC: fp32 41 ms, bf16 219 ms, torch._int_mm int8 853 ms; fast-cpu there ran 14.8x slower
-    than transformers fp32 (issue 16)."""
-    shortfalls = []
-    if recipe.weights == "int8":
-        shortfalls.append(
-            (
-                {"avx512_vnni", "avx_vnni", "amx_int8"},
-                "no VNNI int8 instructions on this CPU: its int8 GEMMs run "
-                "up to 20x slower than fp32 here (fast-cpu-fp32, ct2-int8 or ort-int8 are faster on such CPUs)",
-            )
-        )
-    if recipe.option("attention") == "bf16":
-        shortfalls.append(
-            (
-                {"avx512_bf16", "amx_bf16"},
-                "no native bf16 on this CPU: the bf16 encoder attention runs about 5x "
-                "slower than fp32 here (attention=sdpa avoids it)",
-            )
-        )
-    return shortfalls
+def plan_of(recipe: Recipe) -> KernelPlan:
+    """The recipe's plan; fp32 linears and head throughout for weights=fp32."""
+    plan = KERNEL_PLANS[str(recipe.option("cpu"))]
+    if recipe.weights == "fp32":
+        return KernelPlan("fp32", "sdpa", "fp32", "fp32", why="nothing quantized")
+    return plan
 
 
-def attention_info(attention: str) -> str:
-    from whisper_ptq.engines.fast import ATTENTION_BLOCK
+def cpu_shortfall(recipe: Recipe) -> str | None:
+    """Why the recipe's plan is slower than fp32 on this CPU: it needs instructions this CPU's class lacks."""
+    wanted = str(recipe.option("cpu"))
+    here = cpu_class()
+    if recipe.weights == "fp32" or CPU_CLASSES[wanted] <= CPU_CLASSES[here]:
+        return None
+    return (
+        f"its kernels are those of CPU class {wanted!r} (they need {PLAN_NEEDS[wanted]}) and this CPU is "
+        f"{here!r}: use cpu=auto (the fast-cpu default), which picks this CPU's plan"
+    )
 
-    if attention == "sdpa":
-        return "encoder: fp32 SDPA (ATen CPU flash kernel); decoder: fp32 SDPA"
-    return f"encoder: bf16 GEMMs over blocks of {ATTENTION_BLOCK} queries, fp32 softmax; decoder: fp32 SDPA"
+
+ATTENTION_INFO = {
+    "sdpa": "fp32 SDPA (ATen's CPU flash kernel)",
+    "sdpa-bf16": "bf16 SDPA (ATen's CPU flash kernel, AMX tiles)",
+    "bf16": "bf16 GEMMs over blocks of queries, fp32 softmax",
+}
 
 
 def kind_chooser(recipe: Recipe) -> Any:
-    """Int8 for a fused linear only when the recipe selects every part of it (`keep` wins), else the
-    recipe's `sensitive` precision (fp32 throughout for weights=fp32)."""
-    if recipe.weights == "fp32":
-        return lambda names: "fp32"
-    precise = str(recipe.option("sensitive"))
-    return lambda names: "int8" if all(recipe.selects(name) for name in names) else precise
+    """A fused linear's kind from its transformers names: the plan's decoder kind in the decoder; in the
+    encoder the plan's encoder kind, or its `sensitive` one for linears `keep` names."""
+    plan = plan_of(recipe)
+
+    def kind_of(names: Sequence[str]) -> str:
+        if names[0].startswith("model.decoder."):
+            return plan.decoder
+        kept = any(re.search(pattern, name) for pattern in plan.keep for name in names)
+        return plan.sensitive if kept else plan.encoder
+
+    return kind_of
 
 
 def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> float:
@@ -96,14 +173,14 @@ def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> flo
 def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
     """How many fused linears are int8 / fp32, and their serialized bits per weight (scales included, biases
     not, as `base.linear_bits_per_weight` counts them)."""
-    from whisper_ptq.engines.fast import FloatLinear, Int8Linear
+    from whisper_ptq.engines.fast import DynamicInt8Linear, FloatLinear, Int8Linear
 
-    linears = [m for m in modules if isinstance(m, (Int8Linear, FloatLinear))]
+    linears = [m for m in modules if isinstance(m, (Int8Linear, DynamicInt8Linear, FloatLinear))]
     weights = sum(m.weight.numel() for m in linears)
     stored = sum(_saved_bytes({k: v for k, v in m.state_dict().items() if k != "bias"}) for m in linears)
     return {
-        "int8_linear": sum(isinstance(m, Int8Linear) for m in linears),
-        "fp32_linear": sum(isinstance(m, FloatLinear) for m in linears),
+        "int8_linear": sum(isinstance(m, (Int8Linear, DynamicInt8Linear)) for m in linears),
+        "float_linear": sum(isinstance(m, FloatLinear) for m in linears),
         "linear_bits_per_weight": 8 * stored / weights,
     }
 
@@ -119,61 +196,66 @@ def _saved_bytes(state: dict[str, torch.Tensor]) -> int:
 class FastCPUBackend(Backend):
     library = "fast"
     beam_search = False  # a step-wise engine: `engines.decoding.StepDecoding` searches greedily
-    description = "lean greedy engine: fused int8 per-token GEMMs (oneDNN VNNI), fp32-rescored int8 LM head"
+    description = "lean greedy engine, int8 GEMMs with kernels chosen per CPU class, fp32-rescored int8 LM head"
     params = {
-        "weights": Param(str, "int8", KINDS, "linear weights: int8 (per-token int8 activations) or fp32"),
+        "weights": Param(str, "int8", KINDS, "linear weights: int8 (the CPU class's plan) or fp32 throughout"),
+        "cpu": Param(
+            str,
+            "auto",
+            ("auto", *CPU_CLASSES),
+            "CPU class whose kernel plan to run; auto: this CPU's (decided "
+            "when the recipe is made, and stored with it)",
+        ),
         "head": Param(str, "int8", KINDS, "LM head: int8 shortlist re-scored in fp32, or fp32"),
-        "keep": Param(str, None, tuple(KEEP_CHOICES), "linears not quantized (the sensitive first encoder layer)"),
-        "sensitive": Param(str, "fp32", tuple(SENSITIVE), "precision of the kept linears and the conv stem"),
-        "attention": Param(str, "bf16", ATTENTIONS, "encoder attention: bf16 blocked GEMMs, or fp32 SDPA (flash)"),
-        "compile": Param(bool, True, help="torch.compile the encoder (compiled once, in quantize)"),
+        "compile": Param(
+            str,
+            "auto",
+            ("auto", "true", "false"),
+            "torch.compile the encoder (once, in quantize); auto: where the CPU class's plan gains from it",
+        ),
         "decoder_threads": Param(int, 0, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
     }
     named = {
         "fast-cpu": (
-            "fast engine: int8 per-token linears (first encoder attention and conv stem bf16), bf16 blocked "
-            "encoder attention, int8+fp32 LM head, compiled encoder",
-            {"keep": "encoder-first-attention", "sensitive": "bf16"},
-        ),
-        "fast-cpu-int8": (
-            "fast engine with every linear int8 (no layer kept fp32)",
+            "fast engine with this CPU's kernel plan: int8 decoder and LM head (fbgemm), encoder in AMX bf16, "
+            'VNNI int8 or fp32 as the CPU runs fastest (see `cpu` and README "Speed per CPU class")',
             {},
         ),
         "fast-cpu-fp32": (
             "fast engine, nothing quantized: the engine's own speed-up over transformers generate",
-            {"weights": "fp32", "head": "fp32", "attention": "sdpa", "compile": "false"},
+            {"weights": "fp32", "head": "fp32", "compile": "false"},
         ),
     }
 
     def slow_here(self, recipe: Recipe, device: str) -> str | None:
-        missing = [why for needs, why in cpu_shortfalls(recipe) if not needs & set(cpu_flags())]
-        return "; ".join(missing) or None
+        return cpu_shortfall(recipe)
 
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
-        weights, head, keep = str(values["weights"]), str(values["head"]), values["keep"]
+        weights, head = str(values["weights"]), str(values["head"])
         threads = int(values["decoder_threads"])  # type: ignore[arg-type]
         if threads < 0:
             raise UserError(f"recipe {name!r}: decoder_threads must be 0 or more, got {threads}")
-        if weights == "fp32" and (keep or values["sensitive"] != "fp32"):
-            raise UserError(f"recipe {name!r}: keep and sensitive apply to weights=int8 only")
+        cpu = cpu_class() if values["cpu"] == "auto" else str(values["cpu"])
+        plan = KERNEL_PLANS[cpu]
+        compiled = plan.compile and weights == "int8" if values["compile"] == "auto" else values["compile"] == "true"
+        if head == "int8" and plan.head == "fp32":
+            head = "fp32"  # the plan has no int8 kernel for this CPU class
         return Recipe(
             name=name,
             library=self.library,
             scheme="dynamic" if weights == "int8" else "reference",
             weights=weights,
-            activations="int8" if weights == "int8" else None,
-            granularity="per-token" if weights == "int8" else "per-tensor",
-            keep=KEEP_CHOICES[keep],
+            activations="int8" if weights == "int8" and plan.decoder != "fp32" else None,
+            granularity="per-channel" if weights == "int8" else "per-tensor",
+            keep=plan.keep if weights == "int8" else (),
             devices=("cpu",),
             options=(
-                ("attention", str(values["attention"])),
-                ("compile", bool(values["compile"])),
+                ("compile", compiled),
+                ("cpu", cpu),
                 ("decoder_threads", threads),
                 ("head", head),
-                ("keep", keep),
-                ("sensitive", str(values["sensitive"])),
             ),
-            description=description or f"fast engine, {weights} linears, {head} head",
+            description=description or f"fast engine, {weights} linears ({cpu} plan), {head} head",
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
@@ -196,29 +278,39 @@ class FastCPUBackend(Backend):
 
         model = bundle.model.eval()
         threads = int(recipe.option("decoder_threads"))  # type: ignore[arg-type]
-        head = str(recipe.option("head"))
-        attention, stem = str(recipe.option("attention")), getattr(torch, SENSITIVE[str(recipe.option("sensitive"))])
+        plan = plan_of(recipe)
+        head = plan.head if recipe.option("head") == "int8" else "fp32"
+        stem = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[plan.sensitive])
         transcriber = FastTranscriber(
             model,
             bundle.processor,
             kind_chooser(recipe),
             head,
-            attention=attention,
+            attention=plan.attention,
             stem=stem,
             decoder_threads=threads or None,
+            cross=plan.cross,
         )
         if state is not None:
             transcriber.encoder.load_state_dict(state["encoder"])
             transcriber.decoder.load_state_dict(state["decoder"])
         info: dict[str, Any] = {
             "engine": "whisper_ptq.engines.fast.FastTranscriber (greedy loop, preallocated KV cache)",
-            "linears": "fused q/k/v; int8: per-channel symmetric weights, per-token symmetric activations, "
-            "torch._int_mm",
+            "cpu_class": recipe.option("cpu"),
+            "kernel_plan": {
+                "encoder": plan.encoder,
+                "attention": plan.attention,
+                "decoder": plan.decoder,
+                "head": head,
+                "sensitive": plan.sensitive,
+                "why": plan.why,
+            },
+            "linears": "fused q/k/v; int8: per-channel symmetric weights; int8: per-token activations, "
+            "torch._int_mm; int8-dynamic: per-call activation scale, fbgemm (-7bit: 7-bit activations)",
             **linear_facts(list(transcriber.modules())),
-            "kept": list(recipe.keep),
-            "kept_and_stem_dtype": str(recipe.option("sensitive")),
-            "lm_head": f"int8 weight-only shortlist of {SHORTLIST}, re-scored in fp32" if head == "int8" else "fp32",
-            "attention": attention_info(attention),
+            "kept": list(plan.keep),
+            "lm_head": f"{head} shortlist of {SHORTLIST}, re-scored in fp32" if head != "fp32" else "fp32",
+            "attention": f"encoder: {ATTENTION_INFO[plan.attention]}; decoder: fp32 SDPA",
             "encoder_batching": "one utterance per encoder call",
             "decoder_threads": threads or torch.get_num_threads(),
             "compiled": bool(recipe.option("compile")),

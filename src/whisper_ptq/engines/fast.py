@@ -1,22 +1,25 @@
-"""A lean greedy Whisper transcriber for CPUs: int8 GEMMs with per-token scales and a hand-written decode loop.
+"""A lean greedy Whisper transcriber for CPUs: int8 GEMMs and a hand-written decode loop, with each part's
+kernels chosen for the CPU it runs on (`backends.fastcpu.KERNEL_PLANS`).
 
 Why not `HFTranscriber`: transformers' `generate` spends a decoding step on Python (cache objects, logits
 processors, ~40 small ops per layer), on the fp32 LM head (26.5M weights read per token for whisper-base) and
 on rows that already finished. This module reuses the model's weights but runs its own forward passes:
 
-- linears are `Int8Linear`: int8 per-output-channel weights, int8 per-token (per-row) dynamic activations,
-  `torch._int_mm` (oneDNN, AVX-512 VNNI). Integer accumulation is exact and every row has its own scale, so a
-  row's result does not depend on the other rows of the batch: batched output equals batch-1 output.
-  Sensitive layers can stay `FloatLinear` (bf16 or fp32).
+- linears are one of `LINEAR_KINDS`: `Int8Linear` (int8 per-output-channel weights, int8 per-token dynamic
+  activations, `torch._int_mm`: oneDNN with VNNI; a row's result does not depend on the other rows),
+  `DynamicInt8Linear` (fbgemm's prepacked dynamic int8 linear, one activation scale per call: the fastest
+  kernel measured for the decoder's few-row GEMMs on every x86 class, AVX2 included), or `FloatLinear`
+  (bf16, on AMX or AVX-512 BF16, or fp32).
 - q/k/v projections are fused into one GEMM, Whisper's query scaling (1/8, a power of two) is folded into the
   q weights, the cross-attention keys/values are computed once per utterance, the self-attention KV cache is
   preallocated and written in place.
-- the encoder runs one utterance per call (one input shape, so a compiled encoder never recompiles) and its
-  attention may use bf16 GEMMs (`bf16_blocked_attention`).
+- the encoder runs one utterance per call (one input shape, so a compiled encoder never recompiles); its
+  attention is one of `ENCODER_ATTENTION`.
 - the LM head is `ShortlistHead`: an int8 GEMV picks the top candidates, which are re-scored in fp32 against
   the untouched fp32 embedding.
 - decoding is ragged: an utterance leaves the batch at its `<|endoftext|>` and its cache rows are dropped;
-  a step's cross-attention is two plain GEMMs (`cross_attention`), cheaper than the flash kernel for one query.
+  a step's cross-attention is two plain GEMMs (`cross_attention`), cheaper than the flash kernel for one query,
+  or bf16 flash attention where the CPU has native bf16 (`bf16_cross_attention`).
 
 The search is `engines.decoding.StepDecoding`'s (transformers' Whisper rules: the same prompts, suppressed tokens,
 length limits, OpenAI's timestamp rules for long form; greedy): this module only supplies the encoder and the
@@ -27,6 +30,7 @@ decoder steps. With fp32 linears and head the output equals transformers' token 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +82,41 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+class DynamicInt8Linear(nn.Module):
+    """y = x W^T + b through fbgemm's prepacked dynamic int8 linear (`quantized::linear_dynamic`): int8
+    per-output-channel weights (the same values as `Int8Linear`'s), activations quantized per call with one
+    scale for all rows. Why not `Int8Linear` everywhere: for the 1-8 rows of a decoding step `torch._int_mm`
+    pays oneDNN's per-call setup, while fbgemm's packed GEMV does not (36 decoder linears of whisper-base,
+    2 threads, one row: fbgemm 1.3-1.8 ms, `_int_mm` 3.1-4.2 ms, fp32 3.1-4.3 ms on an AMX Xeon; forced to
+    AVX2, fbgemm 2.2 ms, fp32 4.1 ms). `seven_bit`: activations in 7 bits (fbgemm's `reduce_range`), which a
+    CPU without VNNI needs, since its 8-bit multiply-adds (vpmaddubsw) saturate their 16-bit pair sums."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, seven_bit: bool = False):
+        super().__init__()
+        qweight, scale = quantize_rows(weight.detach().float())
+        self.seven_bit = seven_bit
+        self.register_buffer("weight", qweight.contiguous())
+        self.register_buffer("weight_scale", scale.view(-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.pack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.pack())
+
+    def pack(self) -> None:
+        """fbgemm's packed weight from the buffers (again after a state dict is loaded into them)."""
+        zeros = torch.zeros(self.weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's linear still takes one
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zeros, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, self.seven_bit)
+
+
 class FloatLinear(nn.Module):
     """A plain linear in fp32 or bf16 (oneDNN, AVX-512 BF16) over (possibly fused) weights: the higher
     precision for sensitive layers. Input and output stay fp32."""
@@ -97,6 +136,8 @@ class FloatLinear(nn.Module):
 
 LINEAR_KINDS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] = {
     "int8": Int8Linear,
+    "int8-dynamic": DynamicInt8Linear,
+    "int8-dynamic-7bit": lambda weight, bias: DynamicInt8Linear(weight, bias, seven_bit=True),
     "bf16": lambda weight, bias: FloatLinear(weight, bias, torch.bfloat16),
     "fp32": FloatLinear,
 }
@@ -151,6 +192,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
+def sdpa_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused attention in bf16: with AMX, ATen's CPU flash kernel runs its GEMMs on the tiles
+    (whisper-base, one layer, 2 threads: 12 ms against 26 ms in fp32 and 17 ms for `bf16_blocked_attention`)."""
+    return F.scaled_dot_product_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), scale=1.0).float()
+
+
 def bf16_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention with bf16 GEMMs (oneDNN, AVX-512 BF16) over blocks of `ATTENTION_BLOCK` queries, softmax in
     fp32. Why: ATen's CPU flash kernel has no fast bf16 path without AMX (bf16 is no faster than fp32 there),
@@ -166,7 +213,7 @@ def bf16_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return torch.cat(blocks, dim=1).view(batch, heads, frames, width).float()
 
 
-ENCODER_ATTENTION = {"sdpa": sdpa_attention, "bf16": bf16_blocked_attention}
+ENCODER_ATTENTION = {"sdpa": sdpa_attention, "sdpa-bf16": sdpa_bf16_attention, "bf16": bf16_blocked_attention}
 
 
 class FastEncoderLayer(nn.Module):
@@ -205,7 +252,9 @@ class FastEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.conv2(F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))))
-        x = x.transpose(1, 2).float() + self.positions
+        # contiguous: else every later op inherits the conv's frames-last strides (strided adds and norms, a copy
+        # before each linear: 30% of the encoder's time)
+        x = x.transpose(1, 2).contiguous().float() + self.positions
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -214,13 +263,42 @@ class FastEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- decoder
 
 
-# Cross-attention keys, transposed, and values: (batch, heads, head_dim, frames), (batch, heads, frames, head_dim).
+# Cross-attention keys and values of one layer, laid out as the layer's `CROSS_ATTENTION` kind keeps them.
 CrossKV = tuple[torch.Tensor, torch.Tensor]
 
 
+def transposed_cross_kv(keys: torch.Tensor, values: torch.Tensor) -> CrossKV:
+    """fp32, the keys transposed (batch, heads, head_dim, frames): a step's q @ keys reads them in order."""
+    return keys.transpose(2, 3).contiguous(), values.contiguous()
+
+
+def cross_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of a decoding step's few queries (pre-scaled) over the 1500 encoder frames: two batched GEMMs
+    and a softmax, ~40% faster than ATen's fp32 CPU flash kernel, whose blocking does not pay for one query
+    (measured for 8 heads x 1 x 1500: 0.14 vs 0.24 ms, with the keys stored transposed; over the ~30 keys of
+    self-attention flash wins)."""
+    return torch.softmax(q @ keys_t, dim=-1) @ values
+
+
+def bf16_cross_kv(keys: torch.Tensor, values: torch.Tensor) -> CrossKV:
+    return keys.to(torch.bfloat16).contiguous(), values.to(torch.bfloat16).contiguous()
+
+
+def bf16_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The same in bf16 through ATen's flash kernel (fp32 accumulation and softmax): half the bytes, and the
+    1500 frames' keys and values are what a step reads most at batch 8 (6 layers of whisper-base, 2 threads,
+    AMX Xeon: batch 1 0.94 ms against 1.12 for `cross_attention`, batch 8 9.9 against 15.8)."""
+    return F.scaled_dot_product_attention(q.to(torch.bfloat16), keys, values, scale=1.0).float()
+
+
+# kind -> (how a layer keeps its cross keys/values, how a step attends over them)
+CROSS_ATTENTION = {"fp32": (transposed_cross_kv, cross_attention), "bf16": (bf16_cross_kv, bf16_cross_attention)}
+
+
 class FastDecoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module, prefix: str, kind_of: KindOf):
+    def __init__(self, layer: nn.Module, prefix: str, kind_of: KindOf, cross: str = "fp32"):
         super().__init__()
+        self.keep_cross, self.attend_cross = CROSS_ATTENTION[cross]
         self.heads = layer.self_attn.num_heads
         self.attn_norm, self.cross_norm, self.ffn_norm = (
             layer.self_attn_layer_norm,
@@ -241,7 +319,7 @@ class FastDecoderLayer(nn.Module):
 
     def cross_keys_values(self, encoded: torch.Tensor) -> CrossKV:
         keys, values = self.cross_kv(encoded).chunk(2, dim=-1)
-        return self.heads_view(keys).transpose(2, 3).contiguous(), self.heads_view(values).contiguous()
+        return self.keep_cross(self.heads_view(keys), self.heads_view(values))
 
     def forward(self, x: torch.Tensor, start: int, cache: LayerCache, cross: CrossKV) -> torch.Tensor:
         """x: (active rows, new tokens, width) at positions start..; writes their keys/values into `cache`,
@@ -256,17 +334,9 @@ class FastDecoderLayer(nn.Module):
         attended = F.scaled_dot_product_attention(q, keys, values, is_causal=length > 1, scale=1.0)
         x = x + self.out(attended.transpose(1, 2).reshape(active, length, width))
         q = self.heads_view(self.cross_q(self.cross_norm(x)))
-        attended = cross_attention(q, *cross)
+        attended = self.attend_cross(q, *cross)
         x = x + self.cross_out(attended.transpose(1, 2).reshape(active, length, width))
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
-
-
-def cross_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention of a decoding step's few queries (pre-scaled) over the 1500 encoder frames: two batched GEMMs
-    and a softmax, ~40% faster here than ATen's CPU flash kernel, whose blocking does not pay for one query
-    (measured for 8 heads x 1 x 1500: 0.14 vs 0.24 ms, with the keys stored transposed; over the ~30 keys of
-    self-attention flash wins)."""
-    return torch.softmax(q @ keys_t, dim=-1) @ values
 
 
 @dataclass
@@ -292,30 +362,27 @@ def keep_rows(tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torc
 class ShortlistHead(nn.Module):
     """The LM head tied to the fp32 token embedding, in two stages.
 
-    An int8 weight-only GEMV in bf16 (`_weight_int8pack_mm`, a quarter of the fp32 bytes) gives approximate
-    logits of the whole vocabulary: the decoding rules (suppressed tokens, timestamp rules) and the
+    An int8 GEMV (`rough`, a linear of `LINEAR_KINDS` over the embedding: a quarter of the fp32 bytes) gives
+    approximate logits of the whole vocabulary: the decoding rules (suppressed tokens, timestamp rules) and the
     log-probabilities work on those; its top `SHORTLIST` candidates after the rules are re-scored in fp32 with
     the fp32 embedding rows, and the token is chosen among them by those exact logits. The fp32 argmax is in
     the shortlist unless the int8 error exceeds the gap between the best and the 8th-best logit, so decisions
     are those of the fp32 head.
     """
 
-    def __init__(self, embedding: nn.Parameter):
+    def __init__(self, embedding: nn.Parameter, rough: str):
         super().__init__()
         self.embedding = embedding  # the model's own fp32 parameter, shared, not copied
-        qweight, scale = quantize_rows(embedding.detach().float())
-        self.register_buffer("weight", qweight.contiguous())
-        self.register_buffer("weight_scale", scale.view(-1).to(torch.bfloat16))
+        self.rough = LINEAR_KINDS[rough](embedding, None)
 
     def forward(self, hidden: torch.Tensor) -> Logits:
-        """hidden: (rows, width) fp32 -> bf16 approximate logits, and the fp32 re-scoring of a shortlist."""
-        rough = torch._weight_int8pack_mm(hidden.to(torch.bfloat16), self.weight, self.weight_scale)
+        """hidden: (rows, width) fp32 -> approximate logits, and the fp32 re-scoring of a shortlist."""
 
         def shortlist(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             candidates = masked.topk(SHORTLIST, dim=-1).indices
             return candidates, torch.einsum("bd,bkd->bk", hidden, self.embedding[candidates])
 
-        return Logits(rough, shortlist)
+        return Logits(self.rough(hidden), shortlist)
 
 
 class FloatHead(nn.Module):
@@ -329,19 +396,21 @@ class FloatHead(nn.Module):
         return Logits(F.linear(hidden, self.embedding))
 
 
-HEAD_KINDS = {"int8": ShortlistHead, "fp32": FloatHead}
+def lm_head(embedding: nn.Parameter, kind: str) -> nn.Module:
+    """`kind`: "fp32" (`FloatHead`), or the `LINEAR_KINDS` key of `ShortlistHead`'s int8 pass."""
+    return FloatHead(embedding) if kind == "fp32" else ShortlistHead(embedding, kind)
 
 
 class FastDecoder(nn.Module):
-    def __init__(self, decoder: nn.Module, prefix: str, kind_of: KindOf, head_kind: str):
+    def __init__(self, decoder: nn.Module, prefix: str, kind_of: KindOf, head_kind: str, cross: str = "fp32"):
         super().__init__()
         self.embed_tokens = decoder.embed_tokens
         self.register_buffer("positions", decoder.embed_positions.weight.detach())
         self.layers = convert_layers(
-            decoder.layers, lambda layer, i: FastDecoderLayer(layer, f"{prefix}.layers.{i}", kind_of)
+            decoder.layers, lambda layer, i: FastDecoderLayer(layer, f"{prefix}.layers.{i}", kind_of, cross)
         )
         self.norm = decoder.layer_norm
-        self.head = HEAD_KINDS[head_kind](decoder.embed_tokens.weight)
+        self.head = lm_head(decoder.embed_tokens.weight, head_kind)
 
     def cross_keys_values(self, encoded: torch.Tensor) -> list[CrossKV]:
         return [layer.cross_keys_values(encoded) for layer in self.layers]
@@ -370,7 +439,8 @@ class FastTranscriber(StepDecoding):
 
     The transformers model is consumed: its encoder and decoder layers are emptied as they are converted.
     `kind_of` picks each fused linear's kind from its transformers module names, `head_kind` the LM head's,
-    `attention` the encoder's attention (`ENCODER_ATTENTION`), `stem` the dtype of the encoder's conv stem;
+    `attention` the encoder's attention (`ENCODER_ATTENTION`), `cross` the decoder's cross-attention
+    (`CROSS_ATTENTION`), `stem` the dtype of the encoder's conv stem;
     `encoder` may be replaced by a compiled version; `decoder_threads` is the intra-op thread count of the
     decoding loop (None: the process's).
     """
@@ -384,6 +454,7 @@ class FastTranscriber(StepDecoding):
         attention: str = "sdpa",
         stem: torch.dtype = torch.float32,
         decoder_threads: int | None = None,
+        cross: str = "fp32",
     ):
         self.processor = processor
         self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
@@ -393,7 +464,7 @@ class FastTranscriber(StepDecoding):
         self.encoder: Callable[[torch.Tensor], torch.Tensor] = FastEncoder(
             model.model.encoder, "model.encoder", kind_of, attention, stem
         ).eval()
-        self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind).eval()
+        self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind, cross).eval()
         self.decoder_threads = decoder_threads
 
     def modules(self) -> Iterator[nn.Module]:

@@ -3,6 +3,7 @@ results database): timings and int8 results depend on the CPU's instruction set 
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 from collections.abc import Iterable
@@ -27,6 +28,10 @@ def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "cpu_class": cpu_class(),
+        "isa_caps": {
+            v: os.environ[v] for v in (*ISA_CAPS, "MKL_ENABLE_INSTRUCTIONS", "CT2_FORCE_CPU_ISA") if v in os.environ
+        },
     }
 
 
@@ -44,6 +49,77 @@ def cpu_flags() -> list[str]:
             flags = line.split(":", 1)[1].split()
             return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
     return []
+
+
+# CPU classes whose kernels differ in kind, best first, each with the flags it needs: a CPU is of the first
+# class whose flags it has. avx2-vnni (Alder Lake's AVX-VNNI) and plain avx512 (Skylake-SP) get the AVX2 plan.
+CPU_CLASSES: dict[str, frozenset[str]] = {
+    "amx": frozenset({"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"}),  # Sapphire Rapids and later
+    "avx512-bf16": frozenset({"avx512_bf16", "avx512_vnni"}),  # Cooper Lake, AMD Zen 4/5
+    "avx512-vnni": frozenset({"avx512_vnni"}),  # Cascade Lake, Ice Lake
+    "avx2": frozenset({"avx2", "fma"}),  # Haswell to Skylake clients, AMD Zen 1-3, AVX-512 without VNNI
+    "portable": frozenset(),  # ARM (Apple Silicon, Graviton), old x86: no measured plan
+}
+# The caps the libraries honour (oneDNN, ATen's kernels, fbgemm), lowest wins: under ONEDNN_MAX_CPU_ISA=AVX2 a
+# run measures what an AVX2 CPU would choose. Each value maps to the CPU class it leaves at most.
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "ONEDNN_MAX_CPU_ISA": {
+        "SSE41": "portable",
+        "AVX": "portable",
+        "AVX2": "avx2",
+        "AVX2_VNNI": "avx2",
+        "AVX2_VNNI_2": "avx2",
+        "AVX512_CORE": "avx2",
+        "AVX512_CORE_VNNI": "avx512-vnni",
+        "AVX512_CORE_BF16": "avx512-bf16",
+        "AVX512_CORE_FP16": "avx512-bf16",
+    },
+    "ATEN_CPU_CAPABILITY": {"default": "portable", "avx2": "avx2"},
+    "FBGEMM_ENABLE_INSTRUCTIONS": {"AVX2": "avx2", "AVX512": "avx2", "AVX512_256": "avx2"},
+}
+# What forces every library this tool runs to a class's kernels (set before they load): `benchmarks/speed.py
+# --cpu-class avx2` measures an AVX2 CPU's choices on a bigger one. CTranslate2 and MKL honour their own.
+FORCE_CLASS_ENV: dict[str, dict[str, str]] = {
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "CT2_FORCE_CPU_ISA": "AVX2",
+    },
+    "avx512-vnni": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+    "avx512-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
+
+
+def cpu_class(flags: Iterable[str] | None = None) -> str:
+    """The CPU class (a key of CPU_CLASSES) of this CPU's flags (or `flags`), lowered by the ISA caps of the
+    environment (ISA_CAPS): the class whose kernels the libraries will actually run."""
+    have = set(cpu_flags() if flags is None else flags)
+    found = next(name for name, needs in CPU_CLASSES.items() if needs <= have)
+    order = list(CPU_CLASSES)
+    for variable, caps in ISA_CAPS.items():
+        capped = caps.get(os.environ.get(variable, ""))
+        if capped is not None and order.index(capped) > order.index(found):
+            found = capped
+    return found
+
+
+def isa_variables() -> list[str]:
+    """Every environment variable that caps a library's instruction set, as a run records them."""
+    return list(dict.fromkeys([*ISA_CAPS, *(v for env in FORCE_CLASS_ENV.values() for v in env)]))
+
+
+def force_cpu_class(name: str) -> None:
+    """Make every library run the kernels of CPU class `name` (FORCE_CLASS_ENV); before torch loads, since
+    the libraries read these variables once."""
+    import sys
+
+    if name not in FORCE_CLASS_ENV:
+        raise ValueError(f"cannot force CPU class {name!r}; choose from {', '.join(FORCE_CLASS_ENV)}")
+    if "torch" in sys.modules:
+        raise RuntimeError("force_cpu_class must run before torch is imported")
+    os.environ.update(FORCE_CLASS_ENV[name])
 
 
 def _cpuinfo() -> list[str]:
