@@ -1,7 +1,7 @@
 """The fast CPU engine and its backend on the packaged tiny.en and real LibriSpeech utterances.
 
-Compilation (`compile=true`, the `fast-cpu` default) takes a minute and is exercised by benchmarks/speed.py;
-these tests run the same engine eagerly.
+Compilation (`compile=true`, the default of the int8-encoder plans) takes a minute and is exercised by
+benchmarks/speed.py; these tests run the same engine eagerly, with every kernel plan this machine's CPU can run.
 """
 
 from __future__ import annotations
@@ -13,16 +13,21 @@ import pytest
 import torch
 
 from whisper_ptq.backends import BuildContext, Built, backend_for, get_recipe
+from whisper_ptq.backends.fastcpu import KERNEL_PLANS, cpu_shortfall
 from whisper_ptq.data import open_dataset
-from whisper_ptq.engines.fast import Int8Linear, keep_rows, quantize_rows
+from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear, keep_rows, quantize_rows
 from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.evaluation import Quantized
 from whisper_ptq.models.loading import load_model
+from whisper_ptq.results import environment
+from whisper_ptq.results.environment import CPU_CLASSES, cpu_class
 from whisper_ptq.results.metrics import corpus_rates, score_utterance
 from whisper_ptq.settings import Settings
 
-EAGER_INT8 = "fast:keep=encoder-first-attention,compile=false,attention=sdpa"  # fast-cpu, eager
+EAGER_INT8 = "fast:compile=false"  # fast-cpu with this CPU's plan, eager
+# The plans this CPU has the instructions for (all five on an AMX Xeon; avx2 and portable on an AVX2 EPYC).
+RUNNABLE_PLANS = [name for name, needs in CPU_CLASSES.items() if needs <= CPU_CLASSES[cpu_class()]]
 UTTERANCES = (4, 1, 0)  # test-clean sample: 2.1 s, 3.3 s and a longer one
 
 
@@ -61,6 +66,21 @@ def test_int8_linear_matches_float_linear_closely() -> None:
     assert torch.equal(Int8Linear(linear.weight, linear.bias)(x[:1]), got[:1])
 
 
+def test_fbgemm_int8_linear_matches_float_linear_and_survives_a_state_dict_round_trip() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    expected = linear(x)
+    for seven_bit in (False, True):
+        got = DynamicInt8Linear(linear.weight, linear.bias, seven_bit)(x)
+        assert (got - expected).norm() / expected.norm() < (0.03 if seven_bit else 0.02)
+    # a saved engine is rebuilt from other weights and loaded: the packed fbgemm weight must follow its buffers
+    saved = DynamicInt8Linear(linear.weight, linear.bias)
+    rebuilt = DynamicInt8Linear(torch.randn(32, 64), torch.zeros(32))
+    rebuilt.load_state_dict(saved.state_dict())
+    assert torch.equal(rebuilt(x), saved(x))
+
+
 def test_quantize_rows_keeps_zero_rows_finite() -> None:
     values, scales = quantize_rows(torch.zeros(2, 8))
     assert torch.equal(values, torch.zeros(2, 8, dtype=torch.int8)) and torch.isfinite(scales).all()
@@ -80,60 +100,86 @@ def test_fp32_engine_transcribes_exactly_like_transformers(model_cache: Path, ut
     assert [transcriber.transcribe([a])[0] for a in utterances[0]] == fp32_texts
 
 
-def test_int8_engine_is_close_to_fp32_and_batch_invariant(model_cache: Path, utterances, fp32_texts) -> None:
+@pytest.mark.parametrize("plan", RUNNABLE_PLANS)
+def test_every_plan_this_cpu_runs_is_close_to_fp32(plan: str, model_cache: Path, utterances, fp32_texts) -> None:
+    """Every CPU class's kernels, where this CPU has their instructions: near fp32's words, and a batch gives
+    near the same text as one utterance at a time (the fbgemm decoder shares an activation scale per call)."""
     audios, references = utterances
-    transcriber = quantize(EAGER_INT8, model_cache).transcriber
+    transcriber = quantize(f"fast:cpu={plan},compile=false", model_cache).transcriber
     single = [transcriber.transcribe([a])[0] for a in audios]
     assert abs(wer(references, single) - wer(references, fp32_texts)) <= 10.0
     assert sum(s.strip() == f.strip() for s, f in zip(single, fp32_texts, strict=True)) >= 2
-    assert transcriber.transcribe(audios) == single
+    batched = transcriber.transcribe(audios)
+    assert sum(b == s for b, s in zip(batched, single, strict=True)) >= 2
 
 
 def test_knobs_are_recorded_in_the_session_info(model_cache: Path) -> None:
     session = Quantized.build("tiny.en", get_recipe(EAGER_INT8), Settings(cache_dir=model_cache, threads=1))
     info = session.info
+    plan = KERNEL_PLANS[info["cpu_class"]]
+    assert info["cpu_class"] == cpu_class() and info["kernel_plan"]["decoder"] == plan.decoder
     assert info["engine"].startswith("whisper_ptq.engines.fast") and info["compiled"] is False
-    # tiny.en: 4 encoder + 4 decoder layers; the first encoder layer's fused q/k/v and out stay fp32
-    assert (info["int8_linear"], info["fp32_linear"]) == (4 * 4 + 4 * 7 - 2, 2)
-    assert info["decoder_threads"] == 1 and "re-scored in fp32" in info["lm_head"]
-    assert 8 < info["linear_bits_per_weight"] < 32 and info["size_reduction"] > 0
-    assert info["recipe_spec"]["granularity"] == "per-token"
+    # tiny.en: 4 decoder layers of 7 fused linears, int8 but on the portable plan; 4 encoder layers of 4, int8
+    # (but the first layer's fused q/k/v and out) on the int8-encoder plans
+    decoder_int8 = 0 if plan.decoder == "fp32" else 4 * 7
+    encoder_int8 = 4 * 4 - 2 if plan.encoder == "int8" else 0
+    assert (info["int8_linear"], info["float_linear"]) == (
+        decoder_int8 + encoder_int8,
+        8 * 4 + 4 * 3 - decoder_int8 - encoder_int8,
+    )
+    assert info["decoder_threads"] == 1 and ("re-scored in fp32" in info["lm_head"]) == (plan.head != "fp32")
+    assert info["size_reduction"] > 0 or plan.decoder == "fp32"
 
 
 def test_named_recipes_and_refusals() -> None:
     fast = get_recipe("fast-cpu")
-    assert fast.library == "fast" and fast.option("compile") is True and fast.keep
+    assert fast.library == "fast" and fast.option("cpu") == cpu_class()  # auto: decided, and stored, here
+    assert fast.option("compile") is KERNEL_PLANS[cpu_class()].compile
     assert get_recipe("fast-cpu-fp32").weights == "fp32"
     with pytest.raises(UserError, match="decoder_threads must be 0 or more"):
         get_recipe("fast:decoder_threads=-1")
-    with pytest.raises(UserError, match="keep and sensitive apply to weights=int8 only"):
-        get_recipe("fast:weights=fp32,keep=encoder-first-layer")
+    with pytest.raises(UserError, match="cpu"):
+        get_recipe("fast:cpu=arm9")
+
+
+SAPPHIRE_RAPIDS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 
 
 @pytest.mark.parametrize(
-    "flags, slow",
+    "flags, expected",
     [
-        (["avx2", "fma"], ("no VNNI", "no native bf16")),  # an AVX2-only EPYC, where fast-cpu was 15x slower
-        (["avx2", "avx512f", "avx512_vnni"], ("no native bf16",)),  # Cascade Lake: VNNI without bf16
-        (["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"], ()),  # Sapphire Rapids
+        (["avx2", "fma"], "avx2"),  # the AVX2-only EPYC where the AVX-512 plan ran 15x slower than fp32
+        (["avx2", "fma", "avx512f"], "avx2"),  # Skylake-SP: AVX-512 without VNNI
+        (["avx2", "fma", "avx512f", "avx512_vnni"], "avx512-vnni"),  # Cascade Lake
+        (["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"], "avx512-bf16"),  # Zen 4
+        (SAPPHIRE_RAPIDS, "amx"),
+        (["neon", "asimd"], "portable"),
     ],
 )
-def test_a_cpu_without_the_kernels_instructions_is_named_in_list(flags, slow, monkeypatch, capsys) -> None:
-    """The CPU decides whether fast-cpu's int8 GEMMs and bf16 attention beat fp32; `list` says when they
-    cannot, and fp32 linears with fp32 attention need nothing."""
+def test_cpu_class_of_flags(flags, expected) -> None:
+    assert cpu_class(flags) == expected
+
+
+def test_isa_caps_lower_the_class_as_the_libraries_do(monkeypatch) -> None:
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert cpu_class(SAPPHIRE_RAPIDS) == "avx512-vnni"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert cpu_class(SAPPHIRE_RAPIDS) == "avx2"  # the lowest cap wins
+
+
+def test_a_plan_this_cpu_lacks_the_instructions_for_is_named_slow(monkeypatch, capsys) -> None:
+    """A recipe made on an AMX machine (stored with cpu=amx) and run on an AVX2 one says why it is slow, in
+    `list` and before a run; this CPU's own plan, and fp32, never do."""
     import json
 
-    from whisper_ptq.backends import fastcpu
     from whisper_ptq.cli import main
 
-    monkeypatch.setattr(fastcpu, "cpu_flags", lambda: flags)  # this machine's own CPU cannot change
+    monkeypatch.setattr(environment, "cpu_flags", lambda: ["avx2", "fma"])  # this machine's own CPU cannot change
+    note = cpu_shortfall(get_recipe("fast:cpu=amx"))
+    assert note and "'amx'" in note and "'avx2'" in note and "cpu=auto" in note
+    assert cpu_shortfall(get_recipe("fast:cpu=avx2")) is None
+    assert cpu_shortfall(get_recipe("fast:cpu=amx,weights=fp32")) is None
     assert main(["list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    note = rows["fast-cpu"]["slow_here"] or ""
-    assert all(part in note for part in slow) and bool(note) == bool(slow)
-    assert (
-        backend_for(get_recipe("fast:attention=sdpa,weights=fp32")).slow_here(
-            get_recipe("fast:attention=sdpa,weights=fp32"), "cpu"
-        )
-        is None
-    )
+    # the named fast-cpu was made for this machine's own CPU when the registry loaded
+    assert bool(rows["fast-cpu"]["slow_here"]) == (get_recipe("fast-cpu").option("cpu") not in ("avx2", "portable"))

@@ -171,8 +171,8 @@ def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> flo
 
 
 def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
-    """How many fused linears are int8 / fp32, and their serialized bits per weight (scales included, biases
-    not, as `base.linear_bits_per_weight` counts them)."""
+    """How many fused linears (LM head aside) are int8 / float, and their serialized bits per weight (scales
+    included, biases not, as `base.linear_bits_per_weight` counts them)."""
     from whisper_ptq.engines.fast import DynamicInt8Linear, FloatLinear, Int8Linear
 
     linears = [m for m in modules if isinstance(m, (Int8Linear, DynamicInt8Linear, FloatLinear))]
@@ -307,7 +307,7 @@ class FastCPUBackend(Backend):
             },
             "linears": "fused q/k/v; int8: per-channel symmetric weights; int8: per-token activations, "
             "torch._int_mm; int8-dynamic: per-call activation scale, fbgemm (-7bit: 7-bit activations)",
-            **linear_facts(list(transcriber.modules())),
+            **linear_facts([m for m in transcriber.modules() if m not in set(transcriber.decoder.head.modules())]),
             "kept": list(plan.keep),
             "lm_head": f"{head} shortlist of {SHORTLIST}, re-scored in fp32" if head != "fp32" else "fp32",
             "attention": f"encoder: {ATTENTION_INFO[plan.attention]}; decoder: fp32 SDPA",
