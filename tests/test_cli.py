@@ -77,7 +77,7 @@ def test_bf16_runs_close_to_fp32(fp32_run, shared_data, tmp_path):
         (["--language", "de"], "English-only"),
         (["--task", "translate"], "English-only"),
         (["--task", "summarize"], "--task"),
-        (["--recipe", "fast-cpu", "--beam-size", "5"], "greedily only"),
+        (["--recipe", "fast-cpu-fp32", "--beam-size", "5"], "greedily only"),
         (["--dataset", "librispeech:test-clean+concat:seconds=0"], "concat"),
         (["--dataset", "librispeech:test-clean+concat:within=book"], "concat"),
     ],

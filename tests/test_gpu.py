@@ -78,7 +78,7 @@ def test_list_on_a_machine_without_gpu_says_why_nothing_runs_on_cuda(capsys):
     for name in load_experiment("paper-gpu").recipes:
         reason = rows[name]["reason"]
         assert reason == "no CUDA device present" or reason.startswith("library not installed"), (name, reason)
-    assert rows["fast-cpu"]["reason"] == "fast-cpu runs on cpu, not cuda"
+    assert rows["fast-cpu-fp32"]["reason"] == "fast-cpu-fp32 runs on cpu, not cuda"
 
 
 def test_cuda_timing_waits_for_the_gpu(monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 from whisper_ptq.backends.base import Backend, BuildContext, Built
 from whisper_ptq.backends.bnb import BitsAndBytesBackend
 from whisper_ptq.backends.ctranslate2 import CTranslate2Backend
-from whisper_ptq.backends.fastcpu import FastCPUBackend
+from whisper_ptq.backends.fastcpu import FastCPUBackend, fast_cpu_here
 from whisper_ptq.backends.hqq import HQQBackend
 from whisper_ptq.backends.mixed import MixedBackend
 from whisper_ptq.backends.onnxruntime import OnnxRuntimeBackend
@@ -49,6 +49,7 @@ def named_recipes() -> dict[str, Recipe]:
     recipes: dict[str, Recipe] = {}
     for backend in BACKENDS.values():
         recipes.update(backend.named_recipes())
+    recipes["fast-cpu"] = fast_cpu_here(recipes)  # the fastest recipe on this CPU's class
     return recipes
 
 

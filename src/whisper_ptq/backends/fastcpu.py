@@ -103,6 +103,26 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         why="no measured int8 plan (ARM, old x86): the lean loop in fp32, never slower than transformers",
     ),
 }
+# CPU classes where a maintained runtime's int8 recipe beat every fast-engine plan in one speed.py run: there
+# `fast-cpu` is that recipe. AVX2 (forced on an AMX Xeon, 12 test-other utterances, 2 repeats): ct2-int8 1.56x
+# transformers fp32 at batch 1 and 1.33x at batch 8, the avx2 plan 1.42x and 1.17x (its encoder stays fp32).
+RUNTIME_FOR_CLASS = {"avx2": "ct2-int8"}
+
+
+def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:
+    """What `fast-cpu` is on this CPU: the fast engine with this CPU's plan, or the runtime's recipe that
+    beats it here (RUNTIME_FOR_CLASS), under the name fast-cpu."""
+    here = cpu_class()
+    if here not in RUNTIME_FOR_CLASS:
+        return recipes["fast-cpu"]
+    chosen = recipes[RUNTIME_FOR_CLASS[here]]
+    return dataclasses.replace(
+        chosen,
+        name="fast-cpu",
+        description=f"{chosen.name} on this {here} CPU, where it beats the fast engine: {chosen.description}",
+    )
+
+
 # The instructions each plan's kernels need to beat fp32, and what happens without them (issue 16: on an
 # AVX2-only EPYC the AVX-512 plan's `_int_mm` GEMM ran 853 ms against fp32's 41 ms, fast-cpu 14.8x slower
 # than transformers fp32).
