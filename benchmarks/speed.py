@@ -1,19 +1,22 @@
 """Speed of recipes relative to fp32, measured in ONE run so that a shared, noisy machine cancels out.
 
-    python benchmarks/speed.py --model base --recipes fp32 fast-cpu --dataset librispeech:test-other \
-        --data-root ../shared/data --batch-sizes 1 8 --repeats 3 --threads 2 --json speed.json
+    python benchmarks/speed.py --model base --recipes fp32 fast-cpu ct2-int8 ov-int8 ort-int8 whispercpp-q8_0 \
+        --dataset librispeech:test-other --data-root ../shared/data --batch-sizes 1 8 --repeats 3 --json speed.json
+    python benchmarks/speed.py --cpu-class avx2 ...   # an AVX2 CPU's kernels on a bigger one (ISA caps)
 
 What it measures, per recipe and batch size, on the same preloaded audio:
-- RTF: transcription time (feature extraction + generate + decode, as `Quantized.transcribe_timed` times it)
-  over audio duration. The recipes are interleaved batch by batch (A B A B ...), so drift hits all alike;
-  each repeat gives one RTF per recipe, and its ratio to the first recipe (the baseline) is taken within that
-  repeat. min / median / max over the repeats.
+- RTF and RTFx: transcription time (feature extraction + decoding, as `Quantized.transcribe_timed` times it)
+  over audio duration, and its inverse. Each recipe transcribes all the audio in a pass; passes alternate
+  between recipes, in reversed order every other repeat (see `time_interleaved`), and each repeat's ratio to the
+  first recipe (the baseline) is taken within that repeat. min / median / max over the repeats.
+- at batch 1, the same per utterance-length bucket (Whisper pads every window to 30 s: short clips pay the whole
+  encoder), and how many times faster `--subject` (fast-cpu) is than every other recipe.
 - WER of the first repeat's hypotheses, and how many hypotheses differ between batch sizes.
 - evaluator overhead: wall time of `Quantized.evaluate` (audio decoding, warm-up batch, scoring included) over
   a bare loop of `transcriber.transcribe` on preloaded audio, the two interleaved, median ratio.
 - peak memory: the peak RSS of a fresh process that only opens the recipe's session (load, quantize,
   compile) and transcribes one batch of the largest size; each recipe in its own process.
-- quantize and compile seconds, from the session's info.
+- quantize and compile seconds, from the session's info; the CPU, its class, flags and any ISA caps.
 """
 
 from __future__ import annotations

@@ -1,0 +1,138 @@
+"""What limits `fast-cpu` on this CPU, in numbers: each GEMM kind's throughput at the encoder's width against the
+CPU's peak for its instruction set, the decoder's few-row GEMMs as bytes of weights read per second, and how a
+transcription splits between the encoder and the decoding loop.
+
+    python benchmarks/profile_fast.py --model base --data-root ../shared/data --limit 12 [--cpu-class avx2]
+
+Peaks are per core and cycle (two FMA ports: fp32 FMA 64 FLOP on AVX-512, 32 on AVX2; AVX-512 BF16 128;
+AVX-512 VNNI int8 256 ops; AMX 1024 bf16 FLOP and 2048 int8 ops) times the nominal clock /proc/cpuinfo reports
+and the threads used: an upper bound, since a VM's cores run at whatever clock they get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class
+
+if "--cpu-class" in sys.argv[:-1]:  # before torch loads: the libraries read their ISA caps once
+    force_cpu_class(sys.argv[sys.argv.index("--cpu-class") + 1])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from whisper_ptq.backends import get_recipe  # noqa: E402
+from whisper_ptq.data import SAMPLE_RATE, open_dataset  # noqa: E402
+from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear  # noqa: E402
+from whisper_ptq.evaluation import Quantized  # noqa: E402
+from whisper_ptq.settings import Settings  # noqa: E402
+
+# Peak FLOP (or int8 ops) per core and cycle, per CPU class and GEMM kind; None: emulated or absent.
+PEAK_PER_CYCLE = {
+    "amx": {"fp32": 64, "bf16": 1024, "int8": 2048},
+    "avx512-bf16": {"fp32": 64, "bf16": 128, "int8": 256},
+    "avx512-vnni": {"fp32": 64, "bf16": None, "int8": 256},
+    "avx2": {"fp32": 32, "bf16": None, "int8": 64},  # vpmaddubsw + vpmaddwd: 32 int8 MACs a cycle and port
+    "portable": {"fp32": None, "bf16": None, "int8": None},
+}
+ROWS, WIDTH, OUT = 1500, 512, 2048  # whisper-base's MLP (fc1) over the encoder's 1500 frames
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="base")
+    p.add_argument("--recipe", default="fast-cpu")
+    p.add_argument("--dataset", default="librispeech:test-other")
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpu-class", choices=sorted(FORCE_CLASS_ENV), default=None, help="as benchmarks/speed.py")
+    return p.parse_args()
+
+
+def median_seconds(call, repeats: int = 20) -> float:
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def nominal_ghz() -> float | None:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":")[1]) / 1000
+    return None
+
+
+def gemm_throughput(threads: int) -> None:
+    """The encoder's fc1 at full width in each kind, and the decoder's (one row) as weight bytes per second."""
+    torch.manual_seed(0)
+    weight = torch.randn(OUT, WIDTH) * 0.05
+    kinds = {
+        "fp32": (lambda x: F.linear(x, weight), "fp32", 4),
+        "bf16": ((lambda w: lambda x: F.linear(x.bfloat16(), w))(weight.bfloat16()), "bf16", 2),
+        "int8 _int_mm (per-token)": (Int8Linear(weight, None), "int8", 1),
+        "int8 fbgemm (per-call)": (DynamicInt8Linear(weight, None), "int8", 1),
+        "int8 fbgemm 7-bit": (DynamicInt8Linear(weight, None, seven_bit=True), "int8", 1),
+    }
+    here, ghz = cpu_class(), nominal_ghz()
+    print(f"GEMM {ROWS}x{WIDTH} by {WIDTH}x{OUT}, {threads} threads, class {here}, nominal {ghz} GHz")
+    for name, (linear, kind, size) in kinds.items():
+        full = median_seconds(lambda linear=linear: linear(torch.randn(ROWS, WIDTH)), repeats=10)
+        row = median_seconds(lambda linear=linear: linear(torch.randn(1, WIDTH)), repeats=50)
+        rate = 2 * ROWS * WIDTH * OUT / full / 1e9
+        peak = PEAK_PER_CYCLE[here][kind]
+        vs_peak = (
+            f"{100 * rate / (peak * ghz * threads):.0f}% of peak {peak * ghz * threads:.0f}" if peak and ghz else "-"
+        )
+        print(
+            f"  {name:<26} {full * 1e3:7.2f} ms  {rate:7.0f} GFLOP/s ({vs_peak});  "
+            f"1 row {row * 1e6:6.1f} us = {OUT * WIDTH * size / row / 1e9:5.1f} GB/s of weights"
+        )
+
+
+def encoder_decoder_split(args: argparse.Namespace) -> None:
+    settings = Settings(threads=args.threads, data_root=args.data_root, progress=False)
+    dataset = open_dataset(args.dataset, args.data_root).limit(args.limit)
+    audios = [dataset.load_audio(u) for u in dataset.utterances]
+    session = Quantized.build(args.model, get_recipe(args.recipe), settings)
+    transcriber = session.built.transcriber
+    for audio in audios[:3]:
+        session.transcribe_timed([audio])
+    encode, encoder_s = transcriber.encode, []
+
+    def timed_encode(features):
+        start = time.perf_counter()
+        encoded = encode(features)
+        encoder_s.append(time.perf_counter() - start)
+        return encoded
+
+    transcriber.encode = timed_encode
+    total = sum(session.transcribe_timed([a])[1] for a in audios)
+    audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
+    encoder = sum(encoder_s)
+    print(
+        f"{args.recipe} ({session.info.get('cpu_class')} plan), batch 1, {len(audios)} utterances, {audio_s:.0f} s: "
+        f"RTF {total / audio_s:.4f}; encoder {encoder:.2f} s ({100 * encoder / total:.0f}%, "
+        f"{1e3 * encoder / len(encoder_s):.0f} ms a 30 s window), decoding and features {total - encoder:.2f} s "
+        f"({100 * (total - encoder) / total:.0f}%)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    gemm_throughput(args.threads)
+    encoder_decoder_split(args)
+
+
+if __name__ == "__main__":
+    main()
