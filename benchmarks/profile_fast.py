@@ -85,9 +85,10 @@ def gemm_throughput(threads: int) -> None:
     }
     here, ghz = cpu_class(), nominal_ghz()
     print(f"GEMM {ROWS}x{WIDTH} by {WIDTH}x{OUT}, {threads} threads, class {here}, nominal {ghz} GHz")
+    frames, token = torch.randn(ROWS, WIDTH), torch.randn(1, WIDTH)
     for name, (linear, kind, size) in kinds.items():
-        full = median_seconds(lambda linear=linear: linear(torch.randn(ROWS, WIDTH)), repeats=10)
-        row = median_seconds(lambda linear=linear: linear(torch.randn(1, WIDTH)), repeats=50)
+        full = median_seconds(lambda linear=linear: linear(frames), repeats=10)
+        row = median_seconds(lambda linear=linear: linear(token), repeats=50)
         rate = 2 * ROWS * WIDTH * OUT / full / 1e9
         peak = PEAK_PER_CYCLE[here][kind]
         vs_peak = (
