@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of
 
-if "--cpu-class" in sys.argv[:-1]:  # before torch loads: the libraries read their ISA caps once
-    force_cpu_class(sys.argv[sys.argv.index("--cpu-class") + 1])
+force_cpu_class_of(sys.argv)  # before torch loads: the libraries read their ISA caps once
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

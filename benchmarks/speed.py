@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -32,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, cpu_flags, force_cpu_class, isa_variables
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, cpu_flags, force_cpu_class_of, isa_caps
 
-if "--cpu-class" in sys.argv[:-1]:  # before torch loads: the libraries read their ISA caps once
-    force_cpu_class(sys.argv[sys.argv.index("--cpu-class") + 1])
+force_cpu_class_of(sys.argv)  # before torch loads: the libraries read their ISA caps once
 
 import numpy as np  # noqa: E402
 
@@ -97,12 +95,6 @@ def open_sessions(args: argparse.Namespace, settings: Settings) -> dict[str, Qua
         sessions[name] = Quantized.build(args.model, get_recipe(name), settings)
         print(f"opened {name} in {time.perf_counter() - start:.1f} s", flush=True)
     return sessions
-
-
-def warm_up(sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int]) -> None:
-    for session in sessions.values():
-        for size in sizes:
-            session.transcribe_timed(audios[:size])
 
 
 def time_interleaved(
@@ -300,7 +292,6 @@ def main() -> None:
         {} if args.no_memory else {n: peak_memory(args.model, n, settings, audios[: max(sizes)]) for n in args.recipes}
     )
     sessions = open_sessions(args, settings)
-    warm_up(sessions, audios, sizes)
     timings = time_interleaved(sessions, audios, sizes, args.repeats, args.settle)
     overhead_size = args.overhead_batch_size or max(sizes)
     report = {
@@ -347,7 +338,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "cpu_class": cpu_class(),
         "cpu_flags": cpu_flags(),
-        "isa_caps": {v: os.environ[v] for v in isa_variables() if v in os.environ},
+        "isa_caps": isa_caps(),
         "command": " ".join(sys.argv),
     }
     print_report(report)

@@ -140,7 +140,7 @@ def test_knobs_are_recorded_in_the_session_info(model_cache: Path) -> None:
         decoder_int8 + encoder_int8,
         8 * 4 + 4 * 3 - decoder_int8 - encoder_int8,
     )
-    assert info["decoder_threads"] == 1 and ("re-scored in fp32" in info["lm_head"]) == (plan.head != "fp32")
+    assert info["decoder_threads"] == 1 and ("re-scored in fp32" in info["lm_head"]) == (plan.decoder != "fp32")
     assert info["size_reduction"] > 0 or plan.decoder == "fp32"
 
 

@@ -38,13 +38,12 @@ FIRST_ATTENTION = (r"^model\.encoder\.layers\.0\.self_attn\.",)
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
     """The kernels of one CPU class: keys of `engines.fast.LINEAR_KINDS` for the encoder's linears (`keep`
-    regexes name those at `sensitive` precision, which the conv stem takes too), the decoder's linears and the
-    LM head's int8 pass; a key of `engines.fast.ENCODER_ATTENTION`. `why`: what was measured."""
+    regexes name those at `sensitive` precision, which the conv stem takes too) and the decoder's, which the LM
+    head's int8 pass shares; a key of `engines.fast.ENCODER_ATTENTION`. `why`: what was measured."""
 
     encoder: str
     attention: str
     decoder: str
-    head: str
     sensitive: str = "fp32"
     keep: tuple[str, ...] = ()
     cross: str = "fp32"  # a key of engines.fast.CROSS_ATTENTION
@@ -52,7 +51,7 @@ class KernelPlan:
     why: str = ""
 
 
-# Chosen by measurement (whisper-base, 2 threads; README "Speed per CPU class"). Decoder steps (1-8 rows) run
+# Chosen by measurement (whisper-base, 2 threads; README "Speed on CPU"). Decoder steps (1-8 rows) run
 # fbgemm's packed int8 GEMV on every x86 class: 2-3x faster than `_int_mm` and fp32 there. The encoder (1500 rows)
 # runs what is fastest at full width: AMX bf16 tiles, VNNI int8, or fp32 where int8 does not pay.
 KERNEL_PLANS: dict[str, KernelPlan] = {
@@ -60,7 +59,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         encoder="bf16",
         attention="sdpa-bf16",
         decoder="int8-dynamic",
-        head="int8-dynamic",
         sensitive="bf16",
         cross="bf16",
         why="AMX: the encoder's 36 linears of whisper-base at 1500 rows take 56-61 ms in bf16, 139-162 ms in "
@@ -70,7 +68,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         encoder="int8",
         attention="bf16",
         decoder="int8-dynamic",
-        head="int8-dynamic",
         sensitive="bf16",
         keep=FIRST_ATTENTION,
         cross="bf16",
@@ -82,7 +79,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         encoder="int8",
         attention="sdpa",
         decoder="int8-dynamic",
-        head="int8-dynamic",
         keep=FIRST_ATTENTION,
         compile=True,
         why="VNNI without native bf16: int8 encoder GEMMs, fp32 attention (bf16 would be emulated)",
@@ -91,7 +87,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         encoder="fp32",
         attention="sdpa",
         decoder="int8-dynamic-7bit",
-        head="int8-dynamic-7bit",
         why="no VNNI (forced AVX2, the encoder's 36 linears at 1500 rows): `_int_mm` saturates and takes 345 ms, "
         "bf16 3672 ms, fp32 292 ms, 7-bit fbgemm int8 258 ms; the decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x "
         "faster than fp32",
@@ -100,7 +95,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         encoder="fp32",
         attention="sdpa",
         decoder="fp32",
-        head="fp32",
         why="no measured int8 plan (ARM, old x86): the lean loop in fp32, never slower than transformers",
     ),
 }
@@ -142,7 +136,7 @@ def plan_of(recipe: Recipe) -> KernelPlan:
     """The recipe's plan; fp32 linears and head throughout for weights=fp32."""
     plan = KERNEL_PLANS[str(recipe.option("cpu"))]
     if recipe.weights == "fp32":
-        return KernelPlan("fp32", "sdpa", "fp32", "fp32", why="nothing quantized")
+        return KernelPlan("fp32", "sdpa", "fp32", why="nothing quantized")
     return plan
 
 
@@ -192,12 +186,13 @@ def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> flo
     return time.perf_counter() - start
 
 
-def linear_facts(modules: Sequence[nn.Module]) -> dict[str, Any]:
+def linear_facts(modules: Sequence[nn.Module], lm_head: nn.Module) -> dict[str, Any]:
     """How many fused linears (LM head aside) are int8 / float, and their serialized bits per weight (scales
     included, biases not, as `base.linear_bits_per_weight` counts them)."""
     from whisper_ptq.engines.fast import DynamicInt8Linear, FloatLinear, Int8Linear
 
-    linears = [m for m in modules if isinstance(m, (Int8Linear, DynamicInt8Linear, FloatLinear))]
+    head = set(lm_head.modules())
+    linears = [m for m in modules if isinstance(m, (Int8Linear, DynamicInt8Linear, FloatLinear)) and m not in head]
     weights = sum(m.weight.numel() for m in linears)
     stored = sum(_saved_bytes({k: v for k, v in m.state_dict().items() if k != "bias"}) for m in linears)
     return {
@@ -240,7 +235,7 @@ class FastCPUBackend(Backend):
     named = {
         "fast-cpu": (
             "fast engine with this CPU's kernel plan: int8 decoder and LM head (fbgemm), encoder in AMX bf16, "
-            'VNNI int8 or fp32 as the CPU runs fastest (see `cpu` and README "Speed per CPU class")',
+            'VNNI int8 or fp32 as the CPU runs fastest (see `cpu` and README "Speed on CPU")',
             {},
         ),
         "fast-cpu-fp32": (
@@ -260,7 +255,7 @@ class FastCPUBackend(Backend):
         cpu = cpu_class() if values["cpu"] == "auto" else str(values["cpu"])
         plan = KERNEL_PLANS[cpu]
         compiled = plan.compile and weights == "int8" if values["compile"] == "auto" else values["compile"] == "true"
-        if head == "int8" and plan.head == "fp32":
+        if head == "int8" and plan.decoder == "fp32":
             head = "fp32"  # the plan has no int8 kernel for this CPU class
         return Recipe(
             name=name,
@@ -301,7 +296,7 @@ class FastCPUBackend(Backend):
         model = bundle.model.eval()
         threads = int(recipe.option("decoder_threads"))  # type: ignore[arg-type]
         plan = plan_of(recipe)
-        head = plan.head if recipe.option("head") == "int8" else "fp32"
+        head = plan.decoder if recipe.option("head") == "int8" else "fp32"
         stem = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[plan.sensitive])
         transcriber = FastTranscriber(
             model,
@@ -329,7 +324,7 @@ class FastCPUBackend(Backend):
             },
             "linears": "fused q/k/v; int8: per-channel symmetric weights; int8: per-token activations, "
             "torch._int_mm; int8-dynamic: per-call activation scale, fbgemm (-7bit: 7-bit activations)",
-            **linear_facts([m for m in transcriber.modules() if m not in set(transcriber.decoder.head.modules())]),
+            **linear_facts(list(transcriber.modules()), lm_head=transcriber.decoder.head),
             "kept": list(plan.keep),
             "lm_head": f"{head} shortlist of {SHORTLIST}, re-scored in fp32" if head != "fp32" else "fp32",
             "attention": f"encoder: {ATTENTION_INFO[plan.attention]}; decoder: fp32 SDPA",

@@ -29,9 +29,7 @@ def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_class": cpu_class(),
-        "isa_caps": {
-            v: os.environ[v] for v in (*ISA_CAPS, "MKL_ENABLE_INSTRUCTIONS", "CT2_FORCE_CPU_ISA") if v in os.environ
-        },
+        "isa_caps": isa_caps(),
     }
 
 
@@ -106,8 +104,13 @@ def cpu_class(flags: Iterable[str] | None = None) -> str:
 
 
 def isa_variables() -> list[str]:
-    """Every environment variable that caps a library's instruction set, as a run records them."""
+    """Every environment variable that caps a library's instruction set."""
     return list(dict.fromkeys([*ISA_CAPS, *(v for env in FORCE_CLASS_ENV.values() for v in env)]))
+
+
+def isa_caps() -> dict[str, str]:
+    """The instruction-set caps set in this environment, as a run records them."""
+    return {v: os.environ[v] for v in isa_variables() if v in os.environ}
 
 
 def force_cpu_class(name: str) -> None:
@@ -120,6 +123,13 @@ def force_cpu_class(name: str) -> None:
     if "torch" in sys.modules:
         raise RuntimeError("force_cpu_class must run before torch is imported")
     os.environ.update(FORCE_CLASS_ENV[name])
+
+
+def force_cpu_class_of(argv: list[str]) -> None:
+    """A benchmark's `--cpu-class NAME`, acted on before its other imports load torch (argparse comes later and
+    only validates it)."""
+    if "--cpu-class" in argv[:-1]:
+        force_cpu_class(argv[argv.index("--cpu-class") + 1])
 
 
 def _cpuinfo() -> list[str]:
