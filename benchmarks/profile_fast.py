@@ -119,8 +119,9 @@ def encoder_decoder_split(args: argparse.Namespace) -> None:
     total = sum(session.transcribe_timed([a])[1] for a in audios)
     audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
     encoder = sum(encoder_s)
+    kernels = session.info.get("cpu_class") or session.info["engine"]
     print(
-        f"{args.recipe} ({session.info.get('cpu_class')} plan), batch 1, {len(audios)} utterances, {audio_s:.0f} s: "
+        f"{args.recipe} ({kernels}), batch 1, {len(audios)} utterances, {audio_s:.0f} s: "
         f"RTF {total / audio_s:.4f}; encoder {encoder:.2f} s ({100 * encoder / total:.0f}%, "
         f"{1e3 * encoder / len(encoder_s):.0f} ms a 30 s window), decoding and features {total - encoder:.2f} s "
         f"({100 * (total - encoder) / total:.0f}%)"

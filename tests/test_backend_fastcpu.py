@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from whisper_ptq.backends import BACKENDS, BuildContext, Built, backend_for, get_recipe
-from whisper_ptq.backends.fastcpu import KERNEL_PLANS, cpu_shortfall, fast_cpu_here
+from whisper_ptq.backends.fastcpu import KERNEL_PLANS, RUNTIME_FOR_CLASS, cpu_shortfall, fast_cpu_here
 from whisper_ptq.data import open_dataset
 from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear, keep_rows, quantize_rows
 from whisper_ptq.engines.hf import HFTranscriber
@@ -155,7 +155,8 @@ def test_named_recipes_and_refusals() -> None:
         get_recipe("fast:cpu=arm9")
 
 
-SAPPHIRE_RAPIDS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+ZEN4 = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+SAPPHIRE_RAPIDS = [*ZEN4, "amx_bf16", "amx_int8"]
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ SAPPHIRE_RAPIDS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_
         (["avx2", "fma"], "avx2"),  # the AVX2-only EPYC where the AVX-512 plan ran 15x slower than fp32
         (["avx2", "fma", "avx512f"], "avx2"),  # Skylake-SP: AVX-512 without VNNI
         (["avx2", "fma", "avx512f", "avx512_vnni"], "avx512-vnni"),  # Cascade Lake
-        (["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"], "avx512-bf16"),  # Zen 4
+        (ZEN4, "avx512-bf16"),
         (SAPPHIRE_RAPIDS, "amx"),
         (["neon", "asimd"], "portable"),
     ],
@@ -180,9 +181,12 @@ def test_isa_caps_lower_the_class_as_the_libraries_do(monkeypatch, no_isa_caps) 
     assert cpu_class(SAPPHIRE_RAPIDS) == "avx2"  # the lowest cap wins
 
 
-@pytest.mark.parametrize("flags, library", [(["avx2", "fma"], "ctranslate2"), (SAPPHIRE_RAPIDS, "fast")])
+@pytest.mark.parametrize(
+    "flags, library", [(["avx2", "fma"], "ctranslate2"), (ZEN4, "openvino"), (SAPPHIRE_RAPIDS, "fast")]
+)
 def test_fast_cpu_is_the_recipe_measured_fastest_on_the_cpu_class(flags, library, monkeypatch, no_isa_caps) -> None:
-    """On AVX2, CTranslate2's int8 beat every fast-engine plan: there fast-cpu is ct2-int8, named fast-cpu."""
+    """Where a runtime's int8 beat the fast engine's plan (CTranslate2 on AVX2, OpenVINO on AVX-512 BF16 without
+    AMX), fast-cpu is that runtime's recipe, named fast-cpu; on AMX it is the fast engine with the amx plan."""
     monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
     recipes = {name: r for backend in BACKENDS.values() for name, r in backend.named_recipes().items()}
     chosen = fast_cpu_here(recipes)
@@ -190,7 +194,8 @@ def test_fast_cpu_is_the_recipe_measured_fastest_on_the_cpu_class(flags, library
     if library == "fast":
         assert chosen.option("cpu") == cpu_class(flags)
     else:
-        assert chosen.to_dict() | {"name": "ct2-int8", "description": ""} == recipes["ct2-int8"].to_dict() | {
+        runtime = RUNTIME_FOR_CLASS[cpu_class(flags)]
+        assert chosen.to_dict() | {"name": runtime, "description": ""} == recipes[runtime].to_dict() | {
             "description": ""
         }
 
