@@ -15,7 +15,8 @@ import torch
 from whisper_ptq.backends import BACKENDS, BuildContext, Built, backend_for, get_recipe
 from whisper_ptq.backends.fastcpu import KERNEL_PLANS, RUNTIME_FOR_CLASS, cpu_shortfall, fast_cpu_here
 from whisper_ptq.data import open_dataset
-from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear, keep_rows, quantize_rows
+from whisper_ptq.engines.decoding import keep_rows
+from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear, quantize_rows
 from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.evaluation import Quantized
@@ -99,12 +100,14 @@ def test_quantize_rows_keeps_zero_rows_finite() -> None:
     assert torch.equal(values, torch.zeros(2, 8, dtype=torch.int8)) and torch.isfinite(scales).all()
 
 
-def test_keep_rows_moves_the_kept_rows_forward_in_place() -> None:
-    cache = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)
-    expected = cache[[1, 2, 4]].clone()
+@pytest.mark.parametrize("as_array", [lambda t: t, lambda t: t.numpy()], ids=["torch", "numpy"])
+def test_keep_rows_moves_the_kept_rows_forward_in_place(as_array) -> None:
+    """The fast engine's caches are torch tensors, the runtimes' graphs' numpy arrays."""
+    cache = as_array(torch.arange(5 * 3 * 2, dtype=torch.float32).view(5, 3, 2))
+    expected = cache[[1, 2, 4]].copy() if isinstance(cache, np.ndarray) else cache[[1, 2, 4]].clone()
     [kept] = keep_rows([cache], [1, 2, 4])
-    assert torch.equal(kept, expected)
-    assert kept.data_ptr() == cache.data_ptr()  # a view of the same storage, nothing allocated
+    assert (kept == expected).all() and kept.shape == (3, 3, 2)
+    assert torch.as_tensor(kept).data_ptr() == torch.as_tensor(cache).data_ptr()  # a view: nothing allocated
 
 
 def test_fp32_engine_transcribes_exactly_like_transformers(model_cache: Path, utterances, fp32_texts) -> None:

@@ -52,7 +52,7 @@ def test_named_recipes_and_refusals() -> None:
 def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:
     bundle = load_model("tiny.en", model_cache)
     expected = [HFTranscriber(bundle.model, bundle.processor).transcribe([a])[0] for a in audios]
-    session = build("ov-fp32", model_cache, shared_data)
+    session = build("ov-fp32", model_cache, shared_data, batch_size=2)  # one batch: the shorter row leaves first
     assert session.transcribe(audios) == expected
     assert session.info["linear_bits_per_weight"] == 32.0 and session.info["inference_precision"] == "f32"
     assert abs(session.size_bytes / session.info["fp32_size_bytes"] - 1) < 0.01
@@ -78,3 +78,18 @@ def test_ptq_calibrates_on_the_calibration_split(model_cache: Path, shared_data:
     session = build("ov-int8-ptq", model_cache, shared_data, calibration_limit=2)
     assert session.info["calibration_utterances"] == 2
     assert all(len(t.split()) >= 3 for t in session.transcribe(audios))
+    assert "kept_build" not in session.info  # a calibrated build is never reused: its dataset's files may change
+
+
+def test_a_second_open_reuses_the_kept_build(model_cache: Path, shared_data: Path, audios) -> None:
+    """The converted, compressed IR is kept under the cache (backends/reuse.py): opening the same recipe again
+    restores it and transcribes as the build did; another recipe is another entry; a damaged entry is rebuilt."""
+    first = build("openvino:symmetric=true", model_cache, shared_data)
+    again = build("openvino:symmetric=true", model_cache, shared_data)
+    assert again.info["reused_build"] and again.info["kept_build"] == first.info["kept_build"]
+    assert again.transcribe(audios) == first.transcribe(audios)
+    assert again.info["linear_bits_per_weight"] == first.info["linear_bits_per_weight"]
+    assert build("ov-int8", model_cache, shared_data).info["kept_build"] != first.info["kept_build"]
+    (Path(first.info["kept_build"]) / "model" / "decoder.xml").unlink()
+    rebuilt = build("openvino:symmetric=true", model_cache, shared_data)
+    assert not rebuilt.info["reused_build"] and rebuilt.transcribe(audios) == first.transcribe(audios)

@@ -32,11 +32,13 @@ from tqdm import tqdm
 
 from whisper_ptq.backends import BuildContext, Built, backend_for, library_packages
 from whisper_ptq.backends.base import directory_bytes, linear_bits_per_weight, linear_layers, unquantized_parts
+from whisper_ptq.backends.reuse import quantize_or_reuse
 from whisper_ptq.data import SAMPLE_RATE, Dataset, load_audio
 from whisper_ptq.engines import set_threads
 from whisper_ptq.engines.decoding import Transcript, transcribe
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.loading import WhisperBundle, load_model
+from whisper_ptq.models.sources import default_cache_dir
 from whisper_ptq.preflight import check_runnable, preflight
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment, peak_rss_bytes
@@ -125,7 +127,9 @@ class Quantized:
         bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
         check_language(bundle, settings)
         extra = {**calibration_info, "source_sha256": weights_sha256(bundle.model)}
-        return cls._build(bundle, recipe, settings, ctx, backend_for(recipe).quantize, extra)
+        cache = default_cache_dir(settings.cache_dir)
+        make = lambda b, r, c: quantize_or_reuse(backend_for(r), b, r, c, extra["source_sha256"], cache)  # noqa: E731
+        return cls._build(bundle, recipe, settings, ctx, make, extra)
 
     @classmethod
     def from_export(cls, path: Path, settings: Settings) -> Quantized:

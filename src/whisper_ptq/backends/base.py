@@ -255,6 +255,9 @@ class Backend(ABC):
     # than Whisper's 30 s window (`engines.decoding` gives every window decoder long form).
     beam_search: ClassVar[bool] = True
     long_form: ClassVar[bool] = True
+    # Whether `quantize`'s saved output is kept in the cache and restored by `load` when the same build is asked
+    # for again (`backends/reuse.py`): for backends whose conversion takes most of the time to open a recipe.
+    reuse_builds: ClassVar[bool] = False
 
     def recipe(self, raw: dict[str, str], name: str, description: str = "") -> Recipe:
         unknown = sorted(set(raw) - set(self.params))

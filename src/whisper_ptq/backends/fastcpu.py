@@ -102,11 +102,10 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # more accurate: there `fast-cpu` is that recipe. AVX2, forced on an AMX Xeon (README "Speed on CPU"): ct2-int8
 # 1.40x transformers fp32 at batch 1 and 1.16x at batch 8, the avx2 plan 1.37x and 1.34x (its encoder stays
 # fp32); ct2-int8 WER 10.17 on test-other against fp32's 10.95, batch invariant, where the plan is not.
-# AVX-512 BF16 without AMX, on a Zen 4 EPYC (16 utterances): ov-int8 3.61x fp32 at batch 1 and 2.34x at batch 8,
-# the avx512-bf16 plan 2.79x and 2.83x (ov-int8 1.39x faster at batch 1, 14% slower at batch 8); ov-int8 WER
-# 10.64 on test-other against fp32's 10.95. Batch 1 decides: it is how a laptop transcribes, and only ov-int8
-# reaches issue 16's 3x there.
-RUNTIME_FOR_CLASS = {"avx2": "ct2-int8", "avx512-bf16": "ov-int8"}
+# AVX-512 BF16 without AMX, on a Zen 4 EPYC (16 utterances, one run): ov-int8-bf16 4.44x fp32 at batch 1 and
+# 3.62x at batch 8, ov-int8 3.16x and 3.03x, the avx512-bf16 plan 2.77x and 2.78x; ov-int8-bf16 WER 10.74 on
+# test-other against fp32's 10.95.
+RUNTIME_FOR_CLASS = {"avx2": "ct2-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
 def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:

@@ -45,6 +45,7 @@ class OpenVINOBackend(Backend):
     description = "OpenVINO IR converted from the model, NNCF weight compression (int8/int4) and int8 PTQ"
     requires = {"openvino": "openvino", "nncf": "nncf"}
     beam_search = False  # a step-wise engine: `engines.decoding.StepDecoding` searches greedily
+    reuse_builds = True  # tracing the graphs is most of the open (backends/reuse.py)
     params = {
         "mode": Param(str, "int8", MODES, "none (fp32), int8 / int4 weight compression, or ptq (full int8)"),
         "symmetric": Param(bool, False, help="int8/int4 weights without zero points"),
@@ -60,6 +61,10 @@ class OpenVINOBackend(Backend):
     named = {
         "ov-fp32": ("OpenVINO fp32: the converted IR, unquantized", {"mode": "none"}),
         "ov-int8": ("OpenVINO int8 weight-only (NNCF compress_weights, asymmetric, per channel)", {}),
+        "ov-int8-bf16": (
+            "OpenVINO int8 weight-only, computing in bf16 (the CPU plugin's default on AVX-512 BF16 and AMX)",
+            {"precision": "bf16"},
+        ),
         "ov-int4": (
             "OpenVINO int4 weight-only (NNCF, asymmetric, groups of 128; embedding and last layer int8)",
             {"mode": "int4"},

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whisper_ptq.engines.decoding import Logits, StepDecoding, StepRules, torch_threads, transcribe
+from whisper_ptq.engines.decoding import Logits, StepDecoding, StepRules, keep_rows, torch_threads, transcribe
 from whisper_ptq.settings import DecodingOptions
 
 # Guards the per-row scale of an all-zero row (the int8 values are then all zero anyway).
@@ -346,17 +346,6 @@ class LayerCache:
 
     def keep(self, rows: Sequence[int]) -> LayerCache:
         return LayerCache(*keep_rows((self.keys, self.values), rows))
-
-
-def keep_rows(tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor]:
-    """Move `rows` (ascending) to the front of each tensor, in place, and return views of that front: no new
-    copy of the caches (3 MB a row and layer of cross-attention keys/values for whisper-base) is allocated.
-    Row i is filled from row rows[i] >= i, which has not been overwritten yet."""
-    for tensor in tensors:
-        for i, row in enumerate(rows):
-            if i != row:
-                tensor[i].copy_(tensor[row])
-    return [tensor[: len(rows)] for tensor in tensors]
 
 
 class ShortlistHead(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whisper_ptq.engines.decoding import Logits, Prompt, Search, StepDecoding, StepRules, log_mel
+from whisper_ptq.engines.decoding import Logits, Prompt, Search, StepDecoding, StepRules, keep_rows, log_mel
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -199,7 +199,12 @@ class GraphDecoding(StepDecoding):
         return Logits(torch.from_numpy(np.array(logits, dtype=np.float32)))  # a copy: runtimes may own the output
 
     def keep(self, state: GraphState, rows: list[int]) -> GraphState:
-        return GraphState([p[rows] for p in state.past], [c[rows] for c in state.cross])
+        """In place (`keep_rows`): a copy of the cross-attention caches, at every row that finishes, took 1.7 s
+        of 7.4 in ov-int8's batches of 8 (16 utterances, whisper-base). The state owns its arrays: the encoder's
+        outputs are this decoding's, the past a step's copied outputs."""
+        past_length = len(state.past)
+        kept = keep_rows([*state.past, *state.cross], rows)
+        return GraphState(kept[:past_length], kept[past_length:])
 
     def calibration_feeds(self, audio: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         """Static-quantization data from one calibration clip (30 s or less): the encoder graph's input, and the

@@ -58,12 +58,14 @@ def openvino_engine(
     from whisper_ptq.engines.graphs import GraphDecoding
 
     core, config = ov.Core(), compile_config(threads, precision)
-    compiled_encoder = core.compile_model(encoder, "CPU", config)
-    compiled_decoder = core.compile_model(decoder, "CPU", config)
-    # A compiled model's call copies its outputs (share_outputs=False): the past keys/values outlive the step.
+    encoder_request = core.compile_model(encoder, "CPU", config).create_infer_request()
+    decoder_request = core.compile_model(decoder, "CPU", config).create_infer_request()
+    # share_inputs: a plain call copies its inputs, and every decoder step's include each layer's cross-attention
+    # keys/values (37 MB an utterance for whisper-base): sharing them made ov-int8 9% faster at batch 1 and 8.
+    # The outputs are copied (share_outputs=False): the past keys/values outlive the step.
     return GraphDecoding(
-        lambda features: list(compiled_encoder({"input_features": features}).values()),
-        lambda feeds: list(compiled_decoder(feeds).values()),
+        lambda features: list(encoder_request.infer({"input_features": features}, share_inputs=True).values()),
+        lambda feeds: list(decoder_request.infer(feeds, share_inputs=True).values()),
         model,
         processor,
         workspace,

@@ -1,0 +1,86 @@
+"""Quantized models kept across processes, for the backends whose conversion is slow (`Backend.reuse_builds`).
+
+Opening ov-int8 of whisper-base on two cores took 28 s, 20 of them `openvino.convert_model` tracing the two
+graphs; ort-int8 15.6 s, mostly `torch.onnx.export`. A sweep opens a recipe once per worker, and every
+benchmark run opens it again. The backend's own `save` output is kept under the model cache
+(`builds/<key>/model`) and restored with its `load`, the path an export takes, so a reopened model is the one
+saved (the export tests check that a reload transcribes as the build did).
+
+The key is everything the saved model depends on: the source weights' sha256 and the model config, the recipe's
+fields, the versions of torch, transformers and the backend's libraries, the source of whisper-ptq's backends
+and engines (the graphs are this project's code), and the CPU class (a quantizer may choose by CPU). Calibrated
+recipes are never reused: their input is a dataset whose files could change under the same spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from whisper_ptq.backends.base import Backend, BuildContext, Built
+from whisper_ptq.errors import UserError
+from whisper_ptq.recipes import Recipe
+from whisper_ptq.results.environment import cpu_class
+
+BUILDS = "builds"
+FACTS = "build.json"
+PACKAGE = Path(__file__).parents[1]
+CODE = sorted([*(PACKAGE / "backends").glob("*.py"), *(PACKAGE / "engines").glob("*.py")])
+
+
+def build_facts(backend: Backend, model: Any, recipe: Recipe, source_sha256: str) -> dict[str, Any]:
+    code = hashlib.sha256()
+    for path in CODE:
+        code.update(path.name.encode() + path.read_bytes())
+    packages = ["torch", "transformers", *backend.requires.values()]
+    return {
+        "source_sha256": source_sha256,
+        "config": model.config.to_dict(),
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")},
+        "versions": {package: metadata.version(package) for package in packages},
+        "code_sha256": code.hexdigest(),
+        "cpu_class": cpu_class(),
+    }
+
+
+def quantize_or_reuse(
+    backend: Backend, bundle: Any, recipe: Recipe, ctx: BuildContext, source_sha256: str, cache_dir: Path
+) -> Built:
+    """The backend's build of `recipe`: restored from the cache when an identical one was kept, else quantized
+    and kept; `info["kept_build"]` names the cache entry and `info["reused_build"]` says which."""
+    if not backend.reuse_builds or recipe.needs_calibration:
+        return backend.quantize(bundle, recipe, ctx)
+    facts = build_facts(backend, bundle.model, recipe, source_sha256)
+    key = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    folder = cache_dir / BUILDS / key
+    if (folder / FACTS).is_file():
+        try:
+            return _noted(backend.load(bundle, recipe, folder / "model", ctx), folder, reused=True)
+        except (UserError, OSError, RuntimeError) as error:  # a damaged entry (a file deleted by hand): rebuild
+            print(f"whisper-ptq: rebuilding {recipe.name}: the kept build {folder} did not load ({error})")
+            shutil.rmtree(folder, ignore_errors=True)
+    built = backend.quantize(bundle, recipe, ctx)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    except OSError:  # the cache is not writable: nothing kept
+        return built
+    try:
+        (staging / "model").mkdir()
+        backend.save(built, staging / "model")
+        (staging / FACTS).write_text(json.dumps(facts, indent=1, sort_keys=True, default=str))
+        staging.rename(folder)  # atomic: a reader sees a whole entry or none
+    except OSError:  # another process kept the same build first, or the disk is full
+        shutil.rmtree(staging, ignore_errors=True)
+        return built
+    return _noted(built, folder, reused=False)
+
+
+def _noted(built: Built, folder: Path, reused: bool) -> Built:
+    built.info.update(kept_build=str(folder), reused_build=reused)
+    return built
