@@ -55,6 +55,7 @@ def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: P
     session = build("ov-fp32", model_cache, shared_data, batch_size=2)  # one batch: the shorter row leaves first
     assert session.transcribe(audios) == expected
     assert session.info["linear_bits_per_weight"] == 32.0 and session.info["inference_precision"] == "f32"
+    assert "f32" in session.info["ir_constant_types"] and "u8" not in session.info["ir_constant_types"]
     assert abs(session.size_bytes / session.info["fp32_size_bytes"] - 1) < 0.01
 
 
@@ -66,6 +67,7 @@ def test_compress_transcribe_export_reload(
     texts = session.transcribe(audios)
     assert all(len(t.split()) >= 3 for t in texts)
     assert session.transcribe(audios[:1]) == texts[:1] and session.size_bytes < session.info["fp32_size_bytes"]
+    assert ("u8" if recipe == "ov-int8" else "u4") in session.info["ir_constant_types"]  # asymmetric: unsigned
     low, high = (8, 8.5) if recipe == "ov-int8" else (4, 5)
     assert low <= session.info["linear_bits_per_weight"] <= high
     export = session.save(tmp_path / "export")

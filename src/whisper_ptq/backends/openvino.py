@@ -232,7 +232,7 @@ def ir_facts(model_dir: Path, model: Any) -> dict[str, Any]:
         for op in ir.get_ordered_ops():
             if op.get_type_name() != "Constant":
                 continue
-            kind = str(op.get_element_type())
+            kind = op.get_element_type().get_type_name()  # "f32", "u8", "i64" (str() gives "<Type: 'float32'>")
             if op.get_output_partial_shape(0).rank.get_length() >= 2:
                 types[kind] = types.get(kind, 0) + 1
             if kind not in ("i64", "i32") and _feeds_linear(op) and vocab not in list(op.get_output_shape(0)):

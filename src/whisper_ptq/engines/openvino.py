@@ -26,6 +26,9 @@ def convert_openvino(model: Any) -> tuple[Any, Any]:
     with torch.no_grad():
         for graph, inputs, names_in, names_out in exportable_graphs(model):
             shapes = [ov.PartialShape([-1] * len(t.shape)) for t in inputs]
+            # Traced, not from torch.export's program: that converts the encoder in 6 s instead of 14 s but
+            # leaves attention as MatMul + Softmax, where the trace's becomes ScaledDotProductAttention (encoder
+            # 395 against 303 ms a window, whisper-base fp32, 2 threads); the build is kept for reuse anyway.
             ov_model = ov.convert_model(graph, example_input=inputs, input=shapes)
             for port, name in zip(ov_model.inputs, names_in, strict=True):
                 port.get_tensor().set_names({name})
