@@ -164,7 +164,8 @@ class Quantized:
             start = time.perf_counter()
             built = make(bundle, recipe, ctx)
             quantize_seconds = time.perf_counter() - start
-            size = serialized_bytes(lambda d: backend.save(built, d))
+            kept = built.info.get("kept_build")  # the backend's save output, already on disk (backends/reuse.py)
+            size = directory_bytes(Path(kept) / "model") if kept else serialized_bytes(lambda d: backend.save(built, d))
         info: dict[str, Any] = {
             "model": bundle.source.spec,
             "model_kind": bundle.source.kind,

@@ -7,9 +7,10 @@ benchmark run opens it again. The backend's own `save` output is kept under the 
 saved (the export tests check that a reload transcribes as the build did).
 
 The key is everything the saved model depends on: the source weights' sha256 and the model config, the recipe's
-fields, the versions of torch, transformers and the backend's libraries, the source of whisper-ptq's backends
-and engines (the graphs are this project's code), and the CPU class (a quantizer may choose by CPU). Calibrated
-recipes are never reused: their input is a dataset whose files could change under the same spec.
+fields, the versions of Python, the core packages and the backend's libraries (as every run records them), the
+source of whisper-ptq's backends and engines (the graphs are this project's code), and the CPU class (a quantizer
+may choose by CPU). Calibrated recipes are never reused: their input is a dataset whose files could change under
+the same spec.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from whisper_ptq.backends.base import Backend, BuildContext, Built
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe
-from whisper_ptq.results.environment import cpu_class
+from whisper_ptq.results.environment import cpu_class, environment
 
 BUILDS = "builds"
 FACTS = "build.json"
@@ -37,12 +38,11 @@ def build_facts(backend: Backend, model: Any, recipe: Recipe, source_sha256: str
     code = hashlib.sha256()
     for path in CODE:
         code.update(path.name.encode() + path.read_bytes())
-    packages = ["torch", "transformers", *backend.requires.values()]
     return {
         "source_sha256": source_sha256,
         "config": model.config.to_dict(),
         "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")},
-        "versions": {package: metadata.version(package) for package in packages},
+        "versions": environment(backend.requires.values())["versions"],
         "code_sha256": code.hexdigest(),
         "cpu_class": cpu_class(),
     }
@@ -62,7 +62,8 @@ def quantize_or_reuse(
         try:
             return _noted(backend.load(bundle, recipe, folder / "model", ctx), folder, reused=True)
         except (UserError, OSError, RuntimeError) as error:  # a damaged entry (a file deleted by hand): rebuild
-            print(f"whisper-ptq: rebuilding {recipe.name}: the kept build {folder} did not load ({error})")
+            note = f"warning: rebuilding {recipe.name!r}: the kept build {folder} did not load ({error})"
+            print(note, file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
     built = backend.quantize(bundle, recipe, ctx)
     try:
