@@ -95,3 +95,28 @@ def test_a_second_open_reuses_the_kept_build(model_cache: Path, shared_data: Pat
     (Path(first.info["kept_build"]) / "model" / "decoder.xml").unlink()
     rebuilt = build("openvino:symmetric=true", model_cache, shared_data)
     assert not rebuilt.info["reused_build"] and rebuilt.transcribe(audios) == first.transcribe(audios)
+
+
+def test_numpy_weight_lowering_is_nncfs_own_result(model_cache: Path) -> None:
+    """The int8 compression runs NNCF's numpy lowering (faster to open): it stores the very weights, scales and
+    zero points of NNCF's default path, and leaves the environment as it found it."""
+    import os
+
+    import nncf
+
+    from whisper_ptq.backends.openvino import NNCF_NUMPY_LOWERING, numpy_weight_lowering
+    from whisper_ptq.engines.openvino import convert_openvino
+
+    _, decoder = convert_openvino(load_model("tiny.en", model_cache).model)
+    mode = nncf.CompressWeightsMode.INT8_ASYM
+    default = nncf.compress_weights(decoder.clone(), mode=mode)
+    with numpy_weight_lowering():
+        lowered = nncf.compress_weights(decoder.clone(), mode=mode)
+    assert NNCF_NUMPY_LOWERING not in os.environ
+
+    def constants(model) -> list[np.ndarray]:
+        return [op.get_data() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+
+    stored, expected = constants(lowered), constants(default)
+    assert sum(c.dtype == np.uint8 for c in stored) >= 4 * 4  # every decoder linear's weight and zero point
+    assert len(stored) == len(expected) and all(np.array_equal(a, b) for a, b in zip(stored, expected, strict=True))
