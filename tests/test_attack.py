@@ -240,6 +240,32 @@ def test_a_model_changed_under_the_same_path_is_refused(tmp_path, shared_data, m
     one_line_error(err)
 
 
+@pytest.mark.parametrize("key", ["code", "versions"])
+def test_rows_computed_by_other_code_or_libraries_are_refused(key, tmp_path, shared_data, capsys):
+    """A database from before a fix (ort-int8-static once quantized its logits too: WER 130%) or an upgrade holds
+    other transcripts: resuming into it is refused, --force computes them again."""
+    from importlib import metadata
+
+    out, exp = tmp_path / "out", experiment(tmp_path, '"fp32"')
+    command = ("bench", str(exp), "--out", str(out), "--data-root", str(shared_data))
+    assert run(capsys, *command)[0] == 0
+    with sqlite3.connect(out / RESULTS_FILE) as db:
+        [(identity,)] = db.execute("SELECT identity FROM tasks").fetchall()
+        stored = json.loads(identity)
+        assert len(stored["code"]) == 64 and stored["versions"]["torch"] == metadata.version("torch")
+        stored[key] = "0" * 64 if key == "code" else {**stored["versions"], "torch": "2.0.0"}
+        db.execute("UPDATE tasks SET identity = ?", (json.dumps(stored),))
+    code, err = run(capsys, *command)
+    expected = {
+        "code": "computed by other whisper-ptq code (a fix or an upgrade since",
+        "versions": f"computed with other libraries (torch 2.0.0 then, {metadata.version('torch')} now)",
+    }[key]
+    assert code == 2 and expected in one_line_error(err)
+    assert run(capsys, *command, "--force")[0] == 0
+    with sqlite3.connect(out / RESULTS_FILE) as db:
+        assert db.execute("SELECT count(*) FROM utterances").fetchone() == (3,)
+
+
 def test_a_row_a_worker_computed_from_other_data_is_not_stored(tmp_path, shared_data, model_cache):
     """What a Ray node with another copy of the data, or a file edited mid-run, sends back."""
     from whisper_ptq.executors.jobs import Job, Part, Rows

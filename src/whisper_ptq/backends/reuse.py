@@ -8,9 +8,9 @@ saved (the export tests check that a reload transcribes as the build did).
 
 The key is everything the saved model depends on: the source weights' sha256 and the model config, the recipe's
 fields, the versions of Python, the core packages and the backend's libraries (as every run records them), the
-source of whisper-ptq's backends and engines (the graphs are this project's code), and the CPU class (a quantizer
-may choose by CPU). Calibrated recipes are never reused: their input is a dataset whose files could change under
-the same spec.
+source of whisper-ptq's code that makes a transcript (`environment.TRANSCRIPT_CODE`: the graphs are this
+project's code), and the CPU class (a quantizer may choose by CPU). Calibrated recipes are never reused: their
+input is a dataset whose files could change under the same spec.
 """
 
 from __future__ import annotations
@@ -26,24 +26,19 @@ from typing import Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe
-from whisper_ptq.results.environment import cpu_class, environment
+from whisper_ptq.results.environment import code_sha256, cpu_class, environment
 
 BUILDS = "builds"
 FACTS = "build.json"
-PACKAGE = Path(__file__).parents[1]
-CODE = sorted([*(PACKAGE / "backends").glob("*.py"), *(PACKAGE / "engines").glob("*.py")])
 
 
 def build_facts(backend: Backend, model: Any, recipe: Recipe, source_sha256: str) -> dict[str, Any]:
-    code = hashlib.sha256()
-    for path in CODE:
-        code.update(path.name.encode() + path.read_bytes())
     return {
         "source_sha256": source_sha256,
         "config": model.config.to_dict(),
         "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")},
         "versions": environment(backend.requires.values())["versions"],
-        "code_sha256": code.hexdigest(),
+        "code_sha256": code_sha256(),
         "cpu_class": cpu_class(),
     }
 

@@ -3,6 +3,7 @@ results database): timings and int8 results depend on the CPU's instruction set 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import resource
@@ -13,6 +14,10 @@ from typing import Any
 
 # Packages whose versions every run records, whatever its backend; each backend adds its own `requires`.
 CORE_PACKAGES = ("torch", "transformers", "jiwer", "whisper-normalizer")
+PACKAGE = Path(__file__).parents[1]
+# whisper-ptq's code that decides a transcript (how audio is read, the model loaded, quantized and decoded):
+# a stored row or a kept build computed by other code of these is another result (`code_sha256`).
+TRANSCRIPT_CODE = ("backends", "engines", "models", "data", "evaluation.py", "recipes.py")
 
 
 def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
@@ -31,6 +36,16 @@ def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
         "cpu_class": cpu_class(),
         "isa_caps": isa_caps(),
     }
+
+
+def code_sha256() -> str:
+    """The sha256 of TRANSCRIPT_CODE's Python source, file by file in path order."""
+    digest = hashlib.sha256()
+    for part in TRANSCRIPT_CODE:
+        path = PACKAGE / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(PACKAGE)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def cpu_model() -> str:

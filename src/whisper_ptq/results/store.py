@@ -152,6 +152,7 @@ def _now() -> str:
 class Store:
     def __init__(self, db: sqlite3.Connection, path: Path, lock: int | None = None):
         self._db, self.path, self._lock = db, path, lock
+        self.replace_changed = False  # opened with `force`: every `ensure_task` replaces a changed task
         name, config, digest = db.execute("SELECT name, config, config_hash FROM experiment").fetchone()
         self.experiment = StoredExperiment(name, json.loads(config), digest)
 
@@ -190,7 +191,8 @@ class Store:
         cls, path: Path, name: str, config: dict[str, Any], force: bool = False, unmeasured: Collection[str] = ()
     ) -> Store:
         """The database of this experiment at `path`: created, or reopened to resume, and locked against every
-        other writer until closed. One holding another experiment is refused unless `force`, which discards it.
+        other writer until closed. One holding another experiment is refused unless `force`, which discards it
+        (and with it every task whose rows were computed from anything else, see `ensure_task`).
         Keys in `unmeasured` change no stored row (how the report reads them, how often speed is timed): they
         are left out of the identity hash, and a resumed database takes their new values."""
         lock = _lock(path)
@@ -199,7 +201,7 @@ class Store:
         except BaseException:
             os.close(lock)
             raise
-        store._lock = lock
+        store._lock, store.replace_changed = lock, force
         return store
 
     @classmethod
@@ -274,11 +276,11 @@ class Store:
         replace_changed: bool = False,
     ) -> int:
         """The id of the (model, recipe, dataset) task, added as pending on first sight. `identity`: what its
-        rows are computed from besides the recipe (model content, data location, device: see
-        `studies.identity.run_identity`). A stored task computed from anything else, a recipe of this name
-        defined otherwise included, holds other results: refused, or with `replace_changed` dropped with its
-        rows (a search's mix, chosen again on more data). A key the stored task lacks (written before it was
-        recorded) is taken as it is now."""
+        rows are computed from besides the recipe (model content, data location, device, code, library versions:
+        see `studies.identity.run_identity`). A stored task computed from anything else, a recipe of this name
+        defined otherwise included, holds other results: refused, or with `replace_changed` (or in a store
+        opened with `force`) dropped with its rows (a search's mix, chosen again on more data). A key the stored
+        task lacks (written before it was recorded) is taken as it is now."""
         spec = json.dumps(recipe.to_dict())
         current = {"recipe": recipe.to_dict(), **(identity or {})}
         key = (model, recipe.name, dataset)
@@ -290,7 +292,7 @@ class Store:
                 task_id, stored_spec, stored_identity = found
                 stored = json.loads(stored_identity) if stored_identity else {"recipe": json.loads(stored_spec)}
                 changed = next((k for k in current if k in stored and stored[k] != current[k]), None)
-                if changed is not None and not replace_changed:
+                if changed is not None and not (replace_changed or self.replace_changed):
                     raise UserError(_changed_message(self.path, model, recipe.name, dataset, changed, stored, current))
                 if changed is None:
                     if stored != current:
@@ -442,6 +444,18 @@ def _changed_message(
 ) -> str:
     if key == "recipe":
         return f"{path} holds results of another recipe named {recipe!r} (on {dataset}); {FORCE_HINT}"
+    if key == "code":
+        return (
+            f"{path} holds results of {model} {recipe} on {dataset} computed by other whisper-ptq code (a fix or "
+            f"an upgrade since: transcripts may differ); {FORCE_HINT}"
+        )
+    if key == "versions":
+        then, now = stored[key], current[key]
+        changed = ", ".join(
+            f"{p} {then.get(p)} then, {now.get(p)} now" for p in sorted({*then, *now}) if then.get(p) != now.get(p)
+        )
+        what = f"{model} {recipe} on {dataset}"
+        return f"{path} holds results of {what} computed with other libraries ({changed}); {FORCE_HINT}"
     return (
         f"{path} holds results of {model} {recipe} on {dataset} computed with other {key}: "
         f"{_brief(stored[key])} then, {_brief(current[key])} now; {FORCE_HINT}"

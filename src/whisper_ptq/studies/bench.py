@@ -85,7 +85,7 @@ def plan(experiment: Experiment, settings: Settings) -> list[Task]:
             dataset.spec,
             tuple(u.id for u in dataset.utterances),
             skips[recipe.name],
-            run_identity(models[model], dataset, settings),
+            run_identity(models[model], recipe, dataset, settings),
             expected[dataset.spec],
         )
         for i, (model, recipe, dataset) in enumerate(cells)

@@ -132,7 +132,7 @@ class Runner:
         """The run's figures over exactly `dataset`'s utterances (the task may hold more, from a run with a
         larger limit into the same database). `replace_changed`: see `Store.ensure_task`. Stored rows of audio
         or text that changed since are computed again."""
-        identity = run_identity(self.model_content, dataset, self.settings)
+        identity = run_identity(self.model_content, run.recipe, dataset, self.settings)
         task_id = self.store.ensure_task(
             self.position, self.model, run.recipe, dataset.spec, identity, replace_changed=replace_changed
         )
