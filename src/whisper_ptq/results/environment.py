@@ -3,6 +3,7 @@ results database): timings and int8 results depend on the CPU's instruction set 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -38,6 +39,7 @@ def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
     }
 
 
+@functools.cache  # once a process: one identity for a whole run, even if a file is edited meanwhile
 def code_sha256() -> str:
     """The sha256 of TRANSCRIPT_CODE's Python source, file by file in path order."""
     digest = hashlib.sha256()
