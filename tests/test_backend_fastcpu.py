@@ -185,11 +185,18 @@ def test_isa_caps_lower_the_class_as_the_libraries_do(monkeypatch, no_isa_caps) 
 
 
 @pytest.mark.parametrize(
-    "flags, library", [(["avx2", "fma"], "ctranslate2"), (ZEN4, "openvino"), (SAPPHIRE_RAPIDS, "fast")]
+    "flags, library",
+    [
+        (["avx2", "fma"], "ctranslate2"),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], "openvino"),  # Cascade Lake
+        (ZEN4, "openvino"),
+        (SAPPHIRE_RAPIDS, "fast"),
+    ],
 )
 def test_fast_cpu_is_the_recipe_measured_fastest_on_the_cpu_class(flags, library, monkeypatch, no_isa_caps) -> None:
-    """Where a runtime's int8 beat the fast engine's plan (CTranslate2 on AVX2, OpenVINO on AVX-512 BF16 without
-    AMX), fast-cpu is that runtime's recipe, named fast-cpu; on AMX it is the fast engine with the amx plan."""
+    """Where a runtime's int8 beat the fast engine's plan (CTranslate2 on AVX2, OpenVINO on AVX-512 VNNI and on
+    AVX-512 BF16 without AMX), fast-cpu is that runtime's recipe, named fast-cpu; on AMX it is the fast engine
+    with the amx plan."""
     monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
     recipes = {name: r for backend in BACKENDS.values() for name, r in backend.named_recipes().items()}
     chosen = fast_cpu_here(recipes)

@@ -104,8 +104,11 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # fp32); ct2-int8 WER 10.17 on test-other against fp32's 10.95, batch invariant, where the plan is not.
 # AVX-512 BF16 without AMX, on a Zen 4 EPYC (16 utterances, one run): ov-int8-bf16 4.44x fp32 at batch 1 and
 # 3.62x at batch 8, ov-int8 3.16x and 3.03x, the avx512-bf16 plan 2.77x and 2.78x; ov-int8-bf16 WER 10.74 on
-# test-other against fp32's 10.95.
-RUNTIME_FOR_CLASS = {"avx2": "ct2-int8", "avx512-bf16": "ov-int8-bf16"}
+# test-other against fp32's 10.95 (a later run: 4.03x and 3.47x, the plan 2.64x and 2.52x).
+# AVX-512 VNNI without BF16, forced on the Zen 4 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run
+# AVX-512 f32 kernels only, which such CPUs have): ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the
+# avx512-vnni plan 2.51x and 2.27x; ov-int8 WER 6.83 on the 16 against fp32's 8.07.
+RUNTIME_FOR_CLASS = {"avx2": "ct2-int8", "avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
 def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:

@@ -1,10 +1,10 @@
 """Quantized models kept across processes, for the backends whose conversion is slow (`Backend.reuse_builds`).
 
 Opening ov-int8 of whisper-base on two cores took 28 s, 20 of them `openvino.convert_model` tracing the two
-graphs (12 s since the trace is not checked, `engines/openvino.py`); ort-int8 15.6 s, mostly `torch.onnx.export`. A sweep opens a recipe once per worker, and every
-benchmark run opens it again. The backend's own `save` output is kept under the model cache
-(`builds/<key>/model`) and restored with its `load`, the path an export takes, so a reopened model is the one
-saved (the export tests check that a reload transcribes as the build did).
+graphs (12 s since the trace is not checked, `engines/openvino.py`); ort-int8 15.6 s, mostly `torch.onnx.export`.
+A sweep opens a recipe once per worker, and every benchmark run opens it again. The backend's own `save` output
+is kept under the model cache (`builds/<key>/model`) and restored with its `load`, the path an export takes, so a
+reopened model is the one saved (the export tests check that a reload transcribes as the build did).
 
 The key is everything the saved model depends on: the source weights' sha256 and the model config, the recipe's
 fields, the versions of Python, the core packages and the backend's libraries (as every run records them), the
