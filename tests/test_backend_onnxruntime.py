@@ -82,3 +82,19 @@ def test_static_qdq_calibrates_on_the_calibration_split(model_cache: Path, share
     session = build("ort-int8-static", model_cache, shared_data, calibration_limit=2)
     assert session.info["calibration_utterances"] == 2 and session.info["onnx_ops"]["QuantizeLinear"] > 0
     assert all(len(t.split()) >= 3 for t in session.transcribe(audios))
+
+
+def test_importing_the_quantizers_leaves_the_root_logger_alone() -> None:
+    """onnxruntime.quantization configures the root logger at INFO when imported (hundreds of lines an open);
+    the backend imports it without that. When ORT stops doing it, the workaround goes."""
+    import subprocess
+    import sys
+
+    report = "import logging; r = logging.getLogger(); print(len(r.handlers), logging.getLevelName(r.level))"
+    plain = "import onnxruntime.quantization.matmul_nbits_quantizer; " + report
+    ours = "from whisper_ptq.backends.onnxruntime import import_ort_quantization; import_ort_quantization(); "
+    outputs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        for code in (plain, ours + report)
+    ]
+    assert outputs == [["1", "INFO"], ["0", "WARNING"]]

@@ -153,6 +153,7 @@ class CalibrationFeeds:
         self.fp32, self.audios = fp32, audios
 
     def reader(self, graph: str) -> Any:
+        import_ort_quantization()
         from onnxruntime.quantization import CalibrationDataReader
 
         from whisper_ptq.engines.onnx import ENCODER
@@ -170,8 +171,26 @@ class CalibrationFeeds:
         return Reader()
 
 
+def import_ort_quantization() -> None:
+    """Import `onnxruntime.quantization` without the logging setup it does: its matmul_nbits_quantizer calls
+    `logging.basicConfig(level=INFO)` at import, which printed hundreds of the quantizers' INFO lines an open and
+    changes the logging of the user's whole process. The root logger is left as it was; later imports of the
+    module find it loaded."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (the module that configures logging)
+
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
 def quantize_graphs(fp32_dir: Path, out_dir: Path, recipe: Recipe, calibration: CalibrationFeeds | None) -> None:
     import onnx
+
+    import_ort_quantization()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
