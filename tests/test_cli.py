@@ -90,6 +90,24 @@ def test_bad_input_is_one_line_exit_2(args, culprit, shared_data, tmp_path, caps
     assert not out.exists(), "a refused run must not leave an output directory"
 
 
+def test_an_out_holding_another_eval_is_refused_unless_forced(fp32_run, shared_data, tmp_path, capsys):
+    """The same eval into its own --out runs again; another recipe is refused before any work, and leaves the
+    earlier results as they were; --force replaces them."""
+    out = tmp_path / "out"
+    shutil.copytree(fp32_run, out)
+    before = (out / "summary.json").read_text()
+    base = ["eval", "--model", "tiny.en", "--dataset", "librispeech:test-clean", "--limit", "1"]
+    base += ["--data-root", str(shared_data), "--out", str(out), "--no-progress"]
+    code, err = run_cli(capsys, *base, "--recipe", "ct2-int8")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out} holds the eval of tiny.en fp32 on librispeech:test-clean; to replace it" in err
+    assert (out / "summary.json").read_text() == before
+    assert run_cli(capsys, *base)[0] == 0  # the same model, recipe and dataset: re-run in place
+    assert json.loads((out / "summary.json").read_text())["n_utterances"] == 1
+    assert run_cli(capsys, *base, "--recipe", "ct2-int8", "--force")[0] == 0
+    assert json.loads((out / "summary.json").read_text())["recipe"] == "ct2-int8"
+
+
 def test_eval_line_and_summary_report_long_form(shared_data, tmp_path, capsys):
     """A 40 s recording and its clips through CTranslate2 int8: decoded whole, counted, S/D/I and runaways."""
     spec = "librispeech:test-clean+concat:seconds=45,within=dataset"

@@ -116,9 +116,30 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+EVAL_FORCE_HINT = "to replace it, run the same command with --force, or choose another --out"
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output directory {out} exists and is a file")
+
+
+def _check_no_other_eval(out: Path, model: str | None, recipe: str, dataset: str) -> None:
+    """An --out holding an earlier eval of the same model, recipe and dataset is re-run (its files replaced when
+    the new one is done); one holding another eval is refused before any work (`model` None: an export's, which
+    is known once loaded, is not compared)."""
+    from whisper_ptq.results.outputs import SUMMARY_FILE
+
+    earlier = out / SUMMARY_FILE
+    if not earlier.is_file():
+        return
+    try:
+        stored = json.loads(earlier.read_text())
+        then = (stored["model"], stored["recipe"], stored["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{earlier} is not a whisper-ptq eval summary; {EVAL_FORCE_HINT}") from None
+    if then[1:] != (recipe, dataset) or model not in (None, then[0]):
+        raise UserError(f"{out} holds the eval of {then[0]} {then[1]} on {then[2]}; {EVAL_FORCE_HINT}")
 
 
 def _fresh_dir(parent: Path, name: str) -> Path:
@@ -154,6 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_name = Path(args.model).name if exported else args.model
     out = args.out or _fresh_dir(EVAL_RUNS, f"{model_name}-{recipe.name}-{dataset_label(dataset.spec)}")
     _check_out_dir(out)
+    if not args.force:
+        _check_no_other_eval(out, None if exported else args.model, recipe.name, dataset.spec)
 
     from whisper_ptq.evaluation import Quantized  # the model stack, now that everything else is known good
     from whisper_ptq.results.outputs import write_outputs
@@ -418,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=_positive_int, help="evaluate the first N utterances only")
     p.add_argument("--out", type=Path, help=f"output directory (default: a new folder under {EVAL_RUNS}/)")
+    p.add_argument("--force", action="store_true", help="replace the results of another eval in --out")
     _add_run_options(p)
     _add_decoding_options(p)
     p.set_defaults(func=cmd_eval)
