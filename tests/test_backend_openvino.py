@@ -85,13 +85,18 @@ def test_ptq_calibrates_on_the_calibration_split(model_cache: Path, shared_data:
 
 def test_a_second_open_reuses_the_kept_build(model_cache: Path, shared_data: Path, audios) -> None:
     """The converted, compressed IR is kept under the cache (backends/reuse.py): opening the same recipe again
-    restores it and transcribes as the build did; another recipe is another entry; a damaged entry is rebuilt."""
+    restores it and transcribes as the build did; another recipe is another entry, but not one that differs in
+    the compile precision only (the same IR); a damaged entry is rebuilt."""
     first = build("openvino:symmetric=true", model_cache, shared_data)
     again = build("openvino:symmetric=true", model_cache, shared_data)
     assert again.info["reused_build"] and again.info["kept_build"] == first.info["kept_build"]
     assert again.transcribe(audios) == first.transcribe(audios)
     assert again.info["linear_bits_per_weight"] == first.info["linear_bits_per_weight"]
-    assert build("ov-int8", model_cache, shared_data).info["kept_build"] != first.info["kept_build"]
+    int8 = build("ov-int8", model_cache, shared_data)
+    assert int8.info["kept_build"] != first.info["kept_build"]
+    bf16 = build("ov-int8-bf16", model_cache, shared_data)
+    assert bf16.info["reused_build"] and bf16.info["kept_build"] == int8.info["kept_build"]
+    assert bf16.info["inference_precision"] == "bf16" and int8.info["inference_precision"] == "f32"
     (Path(first.info["kept_build"]) / "model" / "decoder.xml").unlink()
     rebuilt = build("openvino:symmetric=true", model_cache, shared_data)
     assert not rebuilt.info["reused_build"] and rebuilt.transcribe(audios) == first.transcribe(audios)

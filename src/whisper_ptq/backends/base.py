@@ -258,6 +258,9 @@ class Backend(ABC):
     # Whether `quantize`'s saved output is kept in the cache and restored by `load` when the same build is asked
     # for again (`backends/reuse.py`): for backends whose conversion takes most of the time to open a recipe.
     reuse_builds: ClassVar[bool] = False
+    # Recipe options that act only when a saved build is loaded (how the runtime runs it), not on what is saved:
+    # recipes that differ only in these share one kept build.
+    load_options: ClassVar[tuple[str, ...]] = ()
 
     def recipe(self, raw: dict[str, str], name: str, description: str = "") -> Recipe:
         unknown = sorted(set(raw) - set(self.params))

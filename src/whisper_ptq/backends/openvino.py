@@ -50,6 +50,7 @@ class OpenVINOBackend(Backend):
     requires = {"openvino": "openvino", "nncf": "nncf"}
     beam_search = False  # a step-wise engine: `engines.decoding.StepDecoding` searches greedily
     reuse_builds = True  # tracing the graphs is most of the open (backends/reuse.py)
+    load_options = ("precision",)  # a compile option: ov-int8 and ov-int8-bf16 save the same IR
     params = {
         "mode": Param(str, "int8", MODES, "none (fp32), int8 / int4 weight compression, or ptq (full int8)"),
         "symmetric": Param(bool, False, help="int8/int4 weights without zero points"),

@@ -7,10 +7,11 @@ is kept under the model cache (`builds/<key>/model`) and restored with its `load
 reopened model is the one saved (the export tests check that a reload transcribes as the build did).
 
 The key is everything the saved model depends on: the source weights' sha256 and the model config, the recipe's
-fields, the versions of Python, the core packages and the backend's libraries (as every run records them), the
-source of whisper-ptq's code that makes a transcript (`environment.TRANSCRIPT_CODE`: the graphs are this
-project's code), and the CPU class (a quantizer may choose by CPU). Calibrated recipes are never reused: their
-input is a dataset whose files could change under the same spec.
+fields but those acting only at load (`Backend.load_options`: OpenVINO's compile precision), the versions of
+Python, the core packages and the backend's libraries (as every run records them), the source of whisper-ptq's
+code that makes a transcript (`environment.TRANSCRIPT_CODE`: the graphs are this project's code), and the CPU
+class (a quantizer may choose by CPU). Calibrated recipes are never reused: their input is a dataset whose files
+could change under the same spec.
 """
 
 from __future__ import annotations
@@ -36,11 +37,19 @@ def build_facts(backend: Backend, model: Any, recipe: Recipe, source_sha256: str
     return {
         "source_sha256": source_sha256,
         "config": model.config.to_dict(),
-        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")},
+        "recipe": saved_recipe_facts(backend, recipe),
         "versions": environment(backend.requires.values())["versions"],
         "code_sha256": code_sha256(),
         "cpu_class": cpu_class(),
     }
+
+
+def saved_recipe_facts(backend: Backend, recipe: Recipe) -> dict[str, Any]:
+    """The recipe's fields that decide what is saved: not its name and description, nor the backend's
+    `load_options`."""
+    facts = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")}
+    facts["options"] = {k: v for k, v in facts["options"].items() if k not in backend.load_options}
+    return facts
 
 
 def quantize_or_reuse(
