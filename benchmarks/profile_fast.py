@@ -1,6 +1,7 @@
 """What limits `fast-cpu` on this CPU, in numbers: each GEMM kind's throughput at the encoder's width against the
 CPU's peak for its instruction set, the decoder's few-row GEMMs as bytes of weights read per second, and how a
-transcription splits between the encoder and the decoding loop.
+transcription splits between the encoder and the decoding loop; where fast-cpu is an OpenVINO recipe, the CPU
+plugin's own per-node counters of each graph, its linears against the same peaks.
 
     python benchmarks/profile_fast.py --model base --data-root ../shared/data --limit 12 [--cpu-class avx2]
 
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from whisper_ptq.backends import get_recipe  # noqa: E402
+from whisper_ptq.backends.base import linear_layers  # noqa: E402
 from whisper_ptq.data import SAMPLE_RATE, open_dataset  # noqa: E402
 from whisper_ptq.engines.fast import DynamicInt8Linear, Int8Linear  # noqa: E402
 from whisper_ptq.evaluation import Quantized  # noqa: E402
@@ -99,11 +101,7 @@ def gemm_throughput(threads: int) -> None:
         )
 
 
-def encoder_decoder_split(args: argparse.Namespace) -> None:
-    settings = Settings(threads=args.threads, data_root=args.data_root, progress=False)
-    dataset = open_dataset(args.dataset, args.data_root).limit(args.limit)
-    audios = [dataset.load_audio(u) for u in dataset.utterances]
-    session = Quantized.build(args.model, get_recipe(args.recipe), settings)
+def encoder_decoder_split(args: argparse.Namespace, session: Quantized, audios: list) -> None:
     transcriber = session.built.transcriber
     for audio in audios[:3]:
         session.transcribe_timed([audio])
@@ -117,6 +115,7 @@ def encoder_decoder_split(args: argparse.Namespace) -> None:
 
     transcriber.encode = timed_encode
     total = sum(session.transcribe_timed([a])[1] for a in audios)
+    transcriber.encode = encode
     audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
     encoder = sum(encoder_s)
     kernels = session.info.get("cpu_class") or session.info["engine"]
@@ -128,11 +127,72 @@ def encoder_decoder_split(args: argparse.Namespace) -> None:
     )
 
 
+def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
+    """Where an OpenVINO recipe's time goes, by the CPU plugin's own per-node counters (`PERF_COUNT`): the
+    encoder on a 30 s window, the decoder over every step of greedy-decoding one utterance; the linears
+    (FullyConnected nodes, "Compressed" with int8 weights) as GFLOP/s against the peak of the precision they
+    compute in (encoder), and as bytes of int8 weights read per second (decoder)."""
+    import openvino as ov
+
+    from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_config
+
+    precision = session.info["inference_precision"]
+    config = {**compile_config(args.threads, precision), "PERF_COUNT": True}
+    core, folder = ov.Core(), Path(session.built.model)
+    graphs = {
+        part: core.compile_model(str(folder / part), "CPU", config).create_infer_request()
+        for part in (ENCODER, DECODER)
+    }
+    encoder_feeds, steps = session.built.transcriber.calibration_feeds(audio)
+
+    def per_node_type(request, all_feeds: list[dict]) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        for feeds in all_feeds:
+            request.infer(feeds)
+            for node in request.profiling_info:
+                seconds[node.node_type] = seconds.get(node.node_type, 0.0) + node.real_time.total_seconds()
+        return {kind: t / len(all_feeds) for kind, t in seconds.items()}
+
+    # Weights of each graph's linears: the encoder also projects every decoder layer's cross-attention keys and
+    # values; the decoder's linears include the LM head (the tied embedding, int8 in these IRs).
+    config_ = session.bundle.model.config
+    cross = ("encoder_attn.k_proj", "encoder_attn.v_proj")
+    weights = {"encoder": 0, "decoder": config_.vocab_size * config_.d_model}
+    for name, count in linear_layers(session.bundle.model).items():
+        weights["encoder" if ".encoder." in name or name.endswith(cross) else "decoder"] += count
+    peak = PEAK_PER_CYCLE[cpu_class()]["bf16" if precision == "bf16" else "fp32"]
+    ghz = nominal_ghz()
+    per_node_type(graphs[ENCODER], [encoder_feeds])  # warm-up
+    for graph, part, feeds in (("encoder", ENCODER, [encoder_feeds] * 3), ("decoder", DECODER, steps)):
+        times = per_node_type(graphs[part], feeds)
+        total = sum(times.values())
+        linear = sum(t for kind, t in times.items() if kind.startswith("FullyConnected"))  # ...Compressed: int8
+        top = sorted(times.items(), key=lambda kv: -kv[1])[:5]
+        shares = ", ".join(f"{kind} {1e3 * t:.2f} ms ({100 * t / total:.0f}%)" for kind, t in top)
+        if graph == "encoder":
+            rate = 2 * 1500 * weights["encoder"] / linear / 1e9
+            ceiling = peak * ghz * args.threads if peak and ghz else None
+            limit = f"linears {rate:.0f} GFLOP/s" + (
+                f" ({100 * rate / ceiling:.0f}% of {precision} peak {ceiling:.0f})" if ceiling else ""
+            )
+            unit = "a 30 s window"
+        else:
+            limit = f"linears read {weights['decoder'] / linear / 1e9:.1f} GB/s of int8 weights"
+            unit = f"a step (mean of {len(steps)})"
+        print(f"  {graph} ({precision}): {1e3 * total:.2f} ms {unit}: {shares}; {limit}")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     gemm_throughput(args.threads)
-    encoder_decoder_split(args)
+    settings = Settings(threads=args.threads, data_root=args.data_root, progress=False)
+    dataset = open_dataset(args.dataset, args.data_root).limit(args.limit)
+    audios = [dataset.load_audio(u) for u in dataset.utterances]
+    session = Quantized.build(args.model, get_recipe(args.recipe), settings)
+    encoder_decoder_split(args, session, audios)
+    if session.recipe.library == "openvino":
+        openvino_nodes(args, session, audios[0])
 
 
 if __name__ == "__main__":
