@@ -80,6 +80,18 @@ def test_library_errors_name_the_argument_and_the_cli_maps_them_to_flags(model_c
         whisper_ptq.quantize(object())
 
 
+def test_transcribe_options_of_one_call_are_checked_as_a_run_checks_them(shared_data, model_cache) -> None:
+    quantized = whisper_ptq.quantize("tiny.en", "fast-cpu-fp32", cache_dir=model_cache)
+    clip = whisper_ptq.open_dataset("librispeech:test-clean", shared_data).utterances[0].audio_path
+    assert quantized.transcribe(clip, language="en") == quantized.transcribe(clip)
+    with pytest.raises(whisper_ptq.UserError, match="English-only"):
+        quantized.transcribe(clip, language="de")
+    with pytest.raises(whisper_ptq.UserError, match="decodes greedily only"):
+        quantized.transcribe(clip, beam_size=5)
+    with pytest.raises(whisper_ptq.UserError, match="language must be a Whisper language code"):
+        quantized.transcribe(clip, language="xx")
+
+
 @pytest.mark.parametrize(
     "module",
     ["whisper_ptq", "whisper_ptq.cli", "whisper_ptq.report", "whisper_ptq.backends", "whisper_ptq.report.compare"],

@@ -79,3 +79,15 @@ def test_a_language_the_model_lacks_is_refused(model_cache: Path) -> None:
         Quantized.build(
             "base", get_recipe("ct2-int8"), Settings(cache_dir=model_cache, decoding=DecodingOptions("yue"))
         )
+
+
+def test_transcribe_takes_the_language_and_task_of_each_call(german: Path, model_cache: Path) -> None:
+    """`Quantized.transcribe(audio, language=..., task=...)`, as openai/whisper's transcribe takes them: a model
+    opened with the defaults (English) transcribes German speech as German when told, or detected."""
+    quantized = Quantized.build("base", get_recipe("ct2-int8"), Settings(cache_dir=model_cache, threads=2))
+    clip = german / "0.wav"
+    as_english, as_german = quantized.transcribe(clip), quantized.transcribe(clip, language="de")
+    assert quantized.transcribe(clip, language="auto") == as_german != as_english
+    assert {"sonne", "kinder"} <= set(as_german.lower().replace(",", " ").replace(".", " ").split())
+    translated = quantized.transcribe(clip, language="de", task="translate").lower()
+    assert "children" in translated and "kinder" not in translated

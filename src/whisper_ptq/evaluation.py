@@ -16,6 +16,7 @@ Where each reported number comes from:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import tempfile
@@ -39,12 +40,12 @@ from whisper_ptq.engines.decoding import Transcript, transcribe
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.loading import WhisperBundle, load_model
 from whisper_ptq.models.sources import default_cache_dir
-from whisper_ptq.preflight import check_runnable, preflight
+from whisper_ptq.preflight import check_decoding, check_runnable, preflight
 from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.environment import environment, peak_rss_bytes
 from whisper_ptq.results.rows import UtteranceResult, summarize
 from whisper_ptq.results.stats import bootstrap_rate_ci
-from whisper_ptq.settings import Settings
+from whisper_ptq.settings import DecodingOptions, Settings
 
 
 def run_environment() -> dict[str, Any]:
@@ -199,19 +200,42 @@ class Quantized:
         """The quantized torch model, or None for engines that hold their own (CTranslate2, the fast engine)."""
         return self.built.model if isinstance(self.built.model, torch.nn.Module) else None
 
-    def transcribe(self, audio: str | Path | np.ndarray | Sequence[str | Path | np.ndarray]) -> str | list[str]:
+    def transcribe(
+        self,
+        audio: str | Path | np.ndarray | Sequence[str | Path | np.ndarray],
+        *,
+        language: str | None = None,
+        task: str | None = None,
+        beam_size: int | None = None,
+    ) -> str | list[str]:
         """Text of one recording of any length (a path to any audio file libsndfile reads, or 16 kHz mono float32
-        samples), or the texts of a list of them, transcribed `settings.batch_size` at a time."""
+        samples), or the texts of a list of them, transcribed `settings.batch_size` at a time. `language` (a
+        Whisper code, or "auto": detected per recording), `task` ("transcribe", "translate") and `beam_size`
+        change the decoding the model was opened with (`settings.decoding`: English, greedy) for this call."""
+        decoding = self._decoding(language=language, task=task, beam_size=beam_size)
         one = isinstance(audio, str | Path | np.ndarray)
         items = [audio] if one else list(audio)
         audios = [load_audio(a) if isinstance(a, str | Path) else np.asarray(a, dtype=np.float32) for a in items]
         size = self.settings.batch_size
-        texts = [t.text for i in range(0, len(audios), size) for t in self.transcribe_timed(audios[i : i + size])[0]]
+        batches = (audios[i : i + size] for i in range(0, len(audios), size))
+        texts = [t.text for batch in batches for t in self.transcribe_timed(batch, decoding)[0]]
         return texts[0] if one else texts
 
-    def transcribe_timed(self, audios: list[np.ndarray]) -> tuple[list[Transcript], float]:
+    def _decoding(self, **changes: Any) -> DecodingOptions:
+        """`settings.decoding` with `changes` (None: unchanged), refused as a run would refuse it."""
+        changed = {key: value for key, value in changes.items() if value is not None}
+        if not changed:
+            return self.settings.decoding
+        settings = dataclasses.replace(self.settings, decoding=dataclasses.replace(self.settings.decoding, **changed))
+        check_decoding(self.recipe, settings.decoding)
+        check_language(self.bundle, settings)
+        return settings.decoding
+
+    def transcribe_timed(
+        self, audios: list[np.ndarray], decoding: DecodingOptions | None = None
+    ) -> tuple[list[Transcript], float]:
         start = time.perf_counter()
-        transcripts = transcribe(self.built.transcriber, audios, self.settings.decoding)
+        transcripts = transcribe(self.built.transcriber, audios, decoding or self.settings.decoding)
         if self.info["device"].startswith("cuda"):
             torch.cuda.synchronize()
         return transcripts, time.perf_counter() - start
