@@ -92,9 +92,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_language(bundle: WhisperBundle, settings: Settings) -> None:
+def check_language(bundle: WhisperBundle, decoding: DecodingOptions) -> None:
     """Refuse decoding options the loaded model cannot honour (its languages are known only now)."""
-    decoding = settings.decoding
     decoding.check_model(bundle.english_only, bundle.source.spec)
     token = f"<|{decoding.language}|>"
     if not bundle.english_only and decoding.language != "auto" and token not in bundle.processor.tokenizer.get_vocab():
@@ -126,7 +125,7 @@ class Quantized:
             "calibration_utterances": len(calib.utterances) if calib else 0,
         }
         bundle = load_model(model, settings.cache_dir) if isinstance(model, str) else model
-        check_language(bundle, settings)
+        check_language(bundle, settings.decoding)
         extra = {**calibration_info, "source_sha256": weights_sha256(bundle.model)}
         cache = default_cache_dir(settings.cache_dir)
         make = lambda b, r, c: quantize_or_reuse(backend_for(r), b, r, c, extra["source_sha256"], cache)  # noqa: E731
@@ -140,7 +139,7 @@ class Quantized:
         recipe = export_recipe(path)
         check_runnable(recipe, settings.device)
         bundle = load_export_bundle(path)
-        check_language(bundle, settings)
+        check_language(bundle, settings.decoding)
         backend = backend_for(recipe)
         restore = lambda b, r, ctx: backend.load(b, r, Path(path), ctx)  # noqa: E731
         extra = {"exported_from": export_source(path)}
@@ -226,10 +225,10 @@ class Quantized:
         changed = {key: value for key, value in changes.items() if value is not None}
         if not changed:
             return self.settings.decoding
-        settings = dataclasses.replace(self.settings, decoding=dataclasses.replace(self.settings.decoding, **changed))
-        check_decoding(self.recipe, settings.decoding)
-        check_language(self.bundle, settings)
-        return settings.decoding
+        decoding = dataclasses.replace(self.settings.decoding, **changed)
+        check_decoding(self.recipe, decoding)
+        check_language(self.bundle, decoding)
+        return decoding
 
     def transcribe_timed(
         self, audios: list[np.ndarray], decoding: DecodingOptions | None = None

@@ -27,7 +27,7 @@ from typing import Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import Recipe
-from whisper_ptq.results.environment import code_sha256, cpu_class, environment
+from whisper_ptq.results.environment import code_sha256, cpu_class, library_versions
 
 BUILDS = "builds"
 FACTS = "build.json"
@@ -38,7 +38,7 @@ def build_facts(backend: Backend, model: Any, recipe: Recipe, source_sha256: str
         "source_sha256": source_sha256,
         "config": model.config.to_dict(),
         "recipe": saved_recipe_facts(backend, recipe),
-        "versions": environment(backend.requires.values())["versions"],
+        "versions": library_versions(backend.requires.values()),
         "code_sha256": code_sha256(),
         "cpu_class": cpu_class(),
     }

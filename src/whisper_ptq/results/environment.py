@@ -22,21 +22,26 @@ TRANSCRIPT_CODE = ("backends", "engines", "models", "data", "evaluation.py", "re
 
 
 def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
-    """Python, the versions of CORE_PACKAGES and of `packages` (None: not installed), the platform and CPU."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in dict.fromkeys([*CORE_PACKAGES, *packages]):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    """`library_versions(packages)`, the platform and CPU."""
     return {
-        "versions": versions,
+        "versions": library_versions(packages),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_class": cpu_class(),
         "isa_caps": isa_caps(),
     }
+
+
+def library_versions(packages: Iterable[str] = ()) -> dict[str, str | None]:
+    """Python, the versions of CORE_PACKAGES and of `packages` (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in dict.fromkeys([*CORE_PACKAGES, *packages]):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 @functools.cache  # once a process: one identity for a whole run, even if a file is edited meanwhile

@@ -10,7 +10,7 @@ from whisper_ptq.backends import backend_for
 from whisper_ptq.data import Dataset
 from whisper_ptq.models.sources import model_fingerprint, resolve_model
 from whisper_ptq.recipes import Recipe
-from whisper_ptq.results.environment import code_sha256, environment
+from whisper_ptq.results.environment import code_sha256, library_versions
 from whisper_ptq.settings import Settings
 
 
@@ -30,5 +30,5 @@ def run_identity(model: str | None, recipe: Recipe, dataset: Dataset, settings: 
         "data": str(dataset.root.resolve()),
         "device": settings.device,
         "code": code_sha256(),
-        "versions": environment(backend_for(recipe).requires.values())["versions"],
+        "versions": library_versions(backend_for(recipe).requires.values()),
     }
