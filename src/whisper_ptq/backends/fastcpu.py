@@ -84,12 +84,13 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         why="VNNI without native bf16: int8 encoder GEMMs, fp32 attention (bf16 would be emulated)",
     ),
     "avx2": KernelPlan(
-        encoder="fp32",
+        encoder="int8-dynamic-7bit-blocks",
         attention="sdpa",
         decoder="int8-dynamic-7bit",
-        why="no VNNI (forced AVX2, the encoder's 36 linears at 1500 rows): `_int_mm` saturates and takes 345 ms, "
-        "bf16 3672 ms, fp32 292 ms, 7-bit fbgemm int8 258 ms; the decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x "
-        "faster than fp32",
+        keep=FIRST_ATTENTION,
+        why="no VNNI (forced AVX2 on a Zen 4): 7-bit fbgemm int8 with one activation scale per 25 frames, the "
+        "encoder window 390 ms against 515 ms with fp32 linears (WER 10.69 on test-other, fp32 10.95); the "
+        "decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x faster than fp32",
     ),
     "portable": KernelPlan(
         encoder="fp32",
@@ -99,16 +100,17 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
     ),
 }
 # CPU classes where a maintained runtime's int8 recipe measured as fast as the fast engine's plan, or faster, and
-# more accurate: there `fast-cpu` is that recipe. AVX2, forced on an AMX Xeon (README "Speed on CPU"): ct2-int8
-# 1.40x transformers fp32 at batch 1 and 1.16x at batch 8, the avx2 plan 1.37x and 1.34x (its encoder stays
-# fp32); ct2-int8 WER 10.17 on test-other against fp32's 10.95, batch invariant, where the plan is not.
+# more accurate: there `fast-cpu` is that recipe. AVX2, forced on a Zen 4 (16 utterances, 5 repeats, one run):
+# the avx2 plan (encoder in row-blocked 7-bit fbgemm int8) 1.70x transformers fp32 at batch 1 and 1.41x at
+# batch 8, ct2-int8 1.43x and 1.02x: the engine stays fast-cpu there (WER 10.69 / 10.80 at batch 1 / 8 on
+# test-other against fp32's 10.95).
 # AVX-512 BF16 without AMX, on a Zen 4 EPYC (16 utterances, one run): ov-int8-bf16 4.44x fp32 at batch 1 and
 # 3.62x at batch 8, ov-int8 3.16x and 3.03x, the avx512-bf16 plan 2.77x and 2.78x; ov-int8-bf16 WER 10.74 on
 # test-other against fp32's 10.95 (a later run: 4.03x and 3.47x, the plan 2.64x and 2.52x).
 # AVX-512 VNNI without BF16, forced on the Zen 4 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run
 # AVX-512 f32 kernels only, which such CPUs have): ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the
 # avx512-vnni plan 2.51x and 2.27x; ov-int8 WER 6.83 on the 16 against fp32's 8.07.
-RUNTIME_FOR_CLASS = {"avx2": "ct2-int8", "avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
+RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
 def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:
