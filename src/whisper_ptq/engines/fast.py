@@ -48,8 +48,8 @@ MIN_SCALE = 1e-12
 SHORTLIST = 8  # candidates the int8 LM head passes to the exact fp32 re-scoring
 # Rows (encoder frames, 20 ms each) sharing one activation scale in `int8-dynamic-7bit-blocks`. whisper-base,
 # 100 test-other utterances, forced AVX2 on a Zen 4: WER 13.89 with one scale a window, 11.58 with blocks of
-# 100, 11.16 of 50, 10.38 of 25, 10.80 of 10 (fp32 encoder 10.74); an encoder window 348 ms unblocked, 390 ms
-# in blocks of 25, 404 ms of 10, 515 ms with fp32 linears.
+# 100, 11.16 of 50, 10.38 and 10.69 (two runs) of 25, 10.80 of 10 (fp32 encoder 10.74); an encoder window
+# 348 ms unblocked, 390 ms in blocks of 25, 404 ms of 10, 515 ms with fp32 linears.
 ENCODER_ROW_BLOCK = 25
 
 
