@@ -8,7 +8,8 @@ What it measures, per recipe and batch size, on the same preloaded audio:
 - RTF and RTFx: transcription time (feature extraction + decoding, as `Quantized.transcribe_timed` times it)
   over audio duration, and its inverse. Each recipe transcribes all the audio in a pass; passes alternate
   between recipes, in reversed order every other repeat (see `time_interleaved`), and each repeat's ratio to the
-  first recipe (the baseline) is taken within that repeat. min / median / max over the repeats.
+  first recipe (the baseline) is taken within that repeat. min / median / max over the repeats. Each recipe's
+  session lives in its own worker process (see `RecipeWorker`): runtimes in one process slow each other.
 - at batch 1, the same per utterance-length bucket (Whisper pads every window to 30 s: short clips pay the whole
   encoder), and how many times faster `--subject` (fast-cpu) is than every other recipe.
 - WER of the first repeat's hypotheses, and how many hypotheses differ between batch sizes.
@@ -39,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from whisper_ptq.backends import get_recipe  # noqa: E402
 from whisper_ptq.data import SAMPLE_RATE, Dataset, open_dataset  # noqa: E402
+from whisper_ptq.errors import UserError  # noqa: E402
 from whisper_ptq.evaluation import Quantized  # noqa: E402
 from whisper_ptq.results.environment import cpu_model, peak_rss_bytes  # noqa: E402
 from whisper_ptq.results.metrics import corpus_rates, score_utterance  # noqa: E402
@@ -88,39 +90,113 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def open_sessions(args: argparse.Namespace, settings: Settings) -> dict[str, Quantized]:
-    sessions = {}
-    for name in args.recipes:
-        start = time.perf_counter()
-        sessions[name] = Quantized.build(args.model, get_recipe(name), settings)
-        print(f"opened {name} in {time.perf_counter() - start:.1f} s", flush=True)
-    return sessions
+@dataclass
+class Opened:
+    """What a worker process holds: one recipe's session and the preloaded audio it transcribes."""
+
+    session: Quantized
+    dataset: Dataset | None
+    audios: list[np.ndarray]
 
 
-def time_interleaved(
-    sessions: dict[str, Quantized], audios: list[np.ndarray], sizes: list[int], repeats: int, settle: float
-) -> Timings:
+def _serve(conn: Any, model: str, recipe: str, settings: Settings, dataset: Dataset | None, audios: list) -> None:
+    """A worker's loop: open the session, send its info, then run each (function, args) received on `opened`."""
+    try:
+        opened = Opened(Quantized.build(model, get_recipe(recipe), settings), dataset, audios)
+        conn.send(("ok", opened.session.info))
+        while (request := conn.recv()) is not None:
+            function, args = request
+            conn.send(("ok", function(opened, *args)))
+    except Exception as error:  # the parent raises it, naming the recipe
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+class RecipeWorker:
+    """One recipe's session in a process of its own (spawned, so nothing of the parent's runtimes is in it).
+    Why: a runtime leaves the process slower for the others. After one CTranslate2 transcription (it bundles a
+    second GNU OpenMP runtime), every torch recipe in that process stayed 30-45% slower (fast:cpu=avx2 on 4
+    utterances 1.97 -> 2.74-2.94 s, fp32 5.6 -> 6.7 s, on a Zen 4), which no deployment of either would see."""
+
+    def __init__(self, model: str, recipe: str, settings: Settings, dataset: Dataset | None, audios: list) -> None:
+        self.recipe = recipe
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child_conn, model, recipe, settings, dataset, audios), daemon=True
+        )
+        self.process.start()
+        self.info: dict[str, Any] = self._receive()
+
+    def call(self, function: Any, *args: Any) -> Any:
+        """`function(opened, *args)` run in the worker (a module-level function: it is pickled by name)."""
+        self.conn.send((function, args))
+        return self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise RuntimeError(f"{self.recipe}: worker process died (exit code {self.process.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"{self.recipe}: {value}")
+        return value
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+        self.process.join()
+
+
+def open_workers(
+    args: argparse.Namespace, settings: Settings, dataset: Dataset, audios: list[np.ndarray]
+) -> dict[str, RecipeWorker]:
+    """One after another, so that each open (quantize, compile) has the cores to itself."""
+    workers: dict[str, RecipeWorker] = {}
+    try:
+        for name in args.recipes:
+            start = time.perf_counter()
+            workers[name] = RecipeWorker(args.model, name, settings, dataset, audios)
+            print(f"opened {name} in {time.perf_counter() - start:.1f} s", flush=True)
+    except BaseException:
+        close_workers(workers)
+        raise
+    return workers
+
+
+def close_workers(workers: dict[str, RecipeWorker]) -> None:
+    for worker in workers.values():
+        worker.close()
+
+
+def timed_pass(opened: Opened, size: int) -> tuple[float, list[float], list[str]]:
+    """In a worker: one untimed warm-up batch (the previous recipe evicted this one's weights from the caches),
+    then every batch timed; total seconds, seconds per batch, hypotheses."""
+    opened.session.transcribe_timed(opened.audios[:size])
+    total, per_batch, texts = 0.0, [], []
+    for batch in batches(opened.audios, size):
+        hypotheses, seconds = opened.session.transcribe_timed(batch)
+        total += seconds
+        per_batch.append(seconds)
+        texts.extend(t.text.strip() for t in hypotheses)
+    return total, per_batch, texts
+
+
+def time_interleaved(workers: dict[str, RecipeWorker], sizes: list[int], repeats: int, settle: float) -> Timings:
     """Each recipe transcribes every batch in turn (a pass); the recipes' passes alternate, in reversed order
     every other repeat (A B C, C B A, ...) so that drift hits all alike. Before a pass, untimed: `settle`
     seconds of sleep (a runtime's worker threads spin after their work: Intel OpenMP's KMP_BLOCKTIME is 200 ms,
-    CTranslate2 ships it, and they would take the cores of the next recipe) and one warm-up batch (the previous
-    recipe evicted this one's weights from the caches). Why passes and not batches: interleaving every batch
-    measures each recipe with a cold cache, which no deployment sees, and penalizes a small model most (fast-cpu
-    on an AMX Xeon: RTF 0.038 alone, 0.062 batch-interleaved with transformers fp32)."""
+    CTranslate2 ships it, and they would take the cores of the next recipe) and the warm-up batch of
+    `timed_pass`. Why passes and not batches: interleaving every batch measures each recipe with a cold cache,
+    which no deployment sees, and penalizes a small model most (fast-cpu on an AMX Xeon: RTF 0.038 alone, 0.062
+    batch-interleaved with transformers fp32)."""
     timings = Timings()
     for repeat in range(repeats):
-        order = list(sessions) if repeat % 2 == 0 else list(reversed(sessions))
+        order = list(workers) if repeat % 2 == 0 else list(reversed(workers))
         for size in sizes:
             for name in order:
-                session = sessions[name]
                 time.sleep(settle)
-                session.transcribe_timed(audios[:size])
-                total, per_batch, texts = 0.0, [], []
-                for batch in batches(audios, size):
-                    hypotheses, seconds = session.transcribe_timed(batch)
-                    total += seconds
-                    per_batch.append(seconds)
-                    texts.extend(t.text.strip() for t in hypotheses)
+                total, per_batch, texts = workers[name].call(timed_pass, size)
                 timings.seconds.setdefault((name, size), []).append(total)
                 timings.per_batch.setdefault((name, size), []).append(per_batch)
                 if repeat == 0:
@@ -204,37 +280,36 @@ def batch_consistency(timings: Timings, names: list[str], sizes: list[int]) -> d
     }
 
 
-def evaluator_overhead(session: Quantized, dataset: Dataset, audios: list[np.ndarray], size: int, repeats: int) -> dict:
-    """Wall time of `Quantized.evaluate` over that of a bare transcribe loop on preloaded audio, interleaved."""
-    transcriber = session.built.transcriber
+def evaluator_overhead(opened: Opened, size: int, repeats: int) -> dict:
+    """In a worker: wall time of `Quantized.evaluate` over that of a bare transcribe loop on preloaded audio,
+    interleaved."""
+    transcriber = opened.session.built.transcriber
     ratios, evaluate_s, bare_s = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.evaluate(dataset, batch_size=size, progress=False)
+        opened.session.evaluate(opened.dataset, batch_size=size, progress=False)
         evaluate_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        for batch in batches(audios, size):
+        for batch in batches(opened.audios, size):
             transcriber.transcribe(batch)
         bare_s.append(time.perf_counter() - start)
         ratios.append(evaluate_s[-1] / bare_s[-1])
     return {"batch_size": size, "evaluate_s": evaluate_s, "bare_s": bare_s, "ratio": spread(ratios)}
 
 
-def _peak_memory_child(queue: Any, model: str, recipe: str, settings: Settings, audios: list[np.ndarray]) -> None:
-    session = Quantized.build(model, get_recipe(recipe), settings)
-    session.transcribe_timed(audios)
-    queue.put(peak_rss_bytes())
+def one_batch_peak_rss(opened: Opened) -> int:
+    """In a worker: transcribe all its audio as one batch; the process's peak RSS."""
+    opened.session.transcribe_timed(opened.audios)
+    return peak_rss_bytes()
 
 
 def peak_memory(model: str, recipe: str, settings: Settings, audios: list[np.ndarray]) -> int:
     """Peak RSS of a fresh process that opens the session and transcribes `audios` as one batch."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_memory_child, args=(queue, model, recipe, settings, audios))
-    child.start()
-    peak = queue.get()
-    child.join()
-    return peak
+    worker = RecipeWorker(model, recipe, settings, None, audios)
+    try:
+        return worker.call(one_batch_peak_rss)
+    finally:
+        worker.close()
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -282,6 +357,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main() -> None:
     args = parse_args()
+    try:  # a misspelt recipe fails here, before minutes of opening the others
+        for name in args.recipes:
+            get_recipe(name)
+    except UserError as error:
+        raise SystemExit(f"speed.py: {error}") from None
     settings = Settings(threads=args.threads, data_root=args.data_root, progress=False)
     dataset = open_dataset(args.dataset, args.data_root).limit(args.limit)
     audios = [dataset.load_audio(u) for u in dataset.utterances]
@@ -291,9 +371,17 @@ def main() -> None:
     memory = (
         {} if args.no_memory else {n: peak_memory(args.model, n, settings, audios[: max(sizes)]) for n in args.recipes}
     )
-    sessions = open_sessions(args, settings)
-    timings = time_interleaved(sessions, audios, sizes, args.repeats, args.settle)
-    overhead_size = args.overhead_batch_size or max(sizes)
+    workers = open_workers(args, settings, dataset, audios)
+    try:
+        timings = time_interleaved(workers, sizes, args.repeats, args.settle)
+        overhead_size = args.overhead_batch_size or max(sizes)
+        overhead = (
+            {n: w.call(evaluator_overhead, overhead_size, args.overhead_repeats) for n, w in workers.items()}
+            if args.overhead_repeats
+            else {}
+        )
+    finally:
+        close_workers(workers)
     report = {
         "model": args.model,
         "dataset": args.dataset,
@@ -309,19 +397,14 @@ def main() -> None:
         "subject_ratios": subject_ratios(timings, args.subject, args.recipes, sizes)
         if args.subject in args.recipes
         else {},
-        "evaluator_overhead": {
-            name: evaluator_overhead(session, dataset, audios, overhead_size, args.overhead_repeats)
-            for name, session in sessions.items()
-        }
-        if args.overhead_repeats
-        else {},
+        "evaluator_overhead": overhead,
         "sessions": {
             name: {
-                "quantize_seconds": s.info["quantize_seconds"],
-                "compile_seconds": s.info.get("compile_seconds"),
+                "quantize_seconds": w.info["quantize_seconds"],
+                "compile_seconds": w.info.get("compile_seconds"),
                 "peak_rss_mb": round(memory[name] / 2**20) if name in memory else None,
                 "knobs": {
-                    k: s.info.get(k)
+                    k: w.info.get(k)
                     for k in (
                         "engine",
                         "cpu_class",
@@ -333,7 +416,7 @@ def main() -> None:
                     )
                 },
             }
-            for name, s in sessions.items()
+            for name, w in workers.items()
         },
         "cpu": cpu_model(),
         "cpu_class": cpu_class(),
