@@ -17,7 +17,8 @@ What it measures, per recipe and batch size, on the same preloaded audio:
   a bare loop of `transcriber.transcribe` on preloaded audio, the two interleaved, median ratio.
 - peak memory: the peak RSS of a fresh process that only opens the recipe's session (load, quantize,
   compile) and transcribes one batch of the largest size; each recipe in its own process.
-- quantize and compile seconds, from the session's info; the CPU, its class, flags and any ISA caps.
+- quantize seconds (a runtime's graph compile included), from the session's info; the CPU, its class, flags
+  and any ISA caps.
 """
 
 from __future__ import annotations
@@ -343,10 +344,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"batch {size}: {report['subject']} is x times faster than: {cells}")
     print("\nhypotheses differing between batch sizes:", report["batch_differences"])
     for name, facts in report["sessions"].items():
-        print(
-            f"{name}: quantize {facts['quantize_seconds']:.1f} s, compile {facts['compile_seconds']}, "
-            f"peak RSS {facts['peak_rss_mb']}"
-        )
+        rss = facts["peak_rss_mb"]
+        print(f"{name}: quantize {facts['quantize_seconds']:.1f} s" + ("" if rss is None else f", peak RSS {rss} MB"))
     for name, o in report["evaluator_overhead"].items():
         print(
             f"evaluator overhead {name} (batch {o['batch_size']}): evaluate/bare median {o['ratio']['median']:.3f} "
@@ -401,7 +400,6 @@ def main() -> None:
         "sessions": {
             name: {
                 "quantize_seconds": w.info["quantize_seconds"],
-                "compile_seconds": w.info.get("compile_seconds"),
                 "peak_rss_mb": round(memory[name] / 2**20) if name in memory else None,
                 "knobs": {
                     k: w.info.get(k)
@@ -412,7 +410,6 @@ def main() -> None:
                         "lm_head",
                         "attention",
                         "decoder_threads",
-                        "compiled",
                     )
                 },
             }

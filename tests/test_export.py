@@ -47,7 +47,7 @@ CASES = {
     "ov-int4": {"openvino": True},
     "torch-int8-dynamic": {"whisper-ptq": False},
     "torch-int8-static": {"whisper-ptq": False},
-    "fast:compile=false": {"whisper-ptq": False},  # the compile takes minutes on two cores
+    "fast:cpu=auto": {"whisper-ptq": False},  # the fast engine with this CPU's plan
     "mixed": {"whisper-ptq": False},
 }
 # Run by the default suite (one per kind of loader: transformers, a library's own, a runtime's, whisper-ptq's); the

@@ -164,7 +164,7 @@ def assert_decode_like_transformers(family, speech, model_cache: Path, recipes: 
         assert transcribe(engine, [recording], DecodingOptions()) == expected_long, engine_name
 
 
-@pytest.mark.heavy  # 20 quantizations, four fast-cpu compiles
+@pytest.mark.heavy  # 20 quantizations
 @pytest.mark.parametrize(
     "recipe", ["torch-int8-dynamic", "quanto-int8", "hqq-int4", "torchao-int8-dynamic", "fast-cpu"]
 )

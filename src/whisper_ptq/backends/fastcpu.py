@@ -1,9 +1,9 @@
-"""The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 GEMMs, lean greedy loop), its kernels chosen
-per CPU class (`KERNEL_PLANS`), the encoder compiled by `torch.compile` (inductor fuses the per-row
-quantization and the casts into their neighbours).
+"""The fastest honest CPU path: `whisper_ptq.engines.fast` (int8 GEMMs, lean greedy loop) with the kernels of
+the best plan this CPU has the instructions for (`KERNEL_PLANS`), or, as `fast-cpu`, a maintained runtime's
+recipe on the CPU classes where that measured faster (`RUNTIME_FOR_CLASS`).
 
 The speed knobs land in `Built.info` (summary.json, results database): engine, CPU class and plan, linear kinds
-and counts, LM head, attention, decoder threads, whether and how long the encoder was compiled.
+and counts, LM head, attention, decoder threads.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,18 +18,17 @@ from typing import TYPE_CHECKING, Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Param
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
-from whisper_ptq.results.environment import CPU_CLASSES, cpu_class
+from whisper_ptq.results.environment import cpu_class, has_class
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from whisper_ptq.engines.fast import FastTranscriber
 
 KINDS = ("int8", "fp32")
 STATE_FILE = "model.pt"
 # The first encoder layer's attention input has outlier channels (LayerNorm output of the conv stem): the one
-# place where per-token int8 costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for
+# place where dynamic int8 costs accuracy (relative encoder-output error 4% for its q/k/v alone, about 1% for
 # any other layer), so an int8 encoder keeps it at the plan's `sensitive` precision.
 FIRST_ATTENTION = (r"^model\.encoder\.layers\.0\.self_attn\.",)
 
@@ -47,13 +45,15 @@ class KernelPlan:
     sensitive: str = "fp32"
     keep: tuple[str, ...] = ()
     cross: str = "fp32"  # a key of engines.fast.CROSS_ATTENTION
-    compile: bool = False  # torch.compile the encoder where inductor's fusions pay (the int8 encoders)
     why: str = ""
 
 
-# Chosen by measurement (whisper-base, 2 threads; README "Speed on CPU"). Decoder steps (1-8 rows) run
-# fbgemm's packed int8 GEMV on every x86 class: 2-3x faster than `_int_mm` and fp32 there. The encoder (1500 rows)
-# runs what is fastest at full width: AMX bf16 tiles, VNNI int8, or fp32 where int8 does not pay.
+# Chosen by measurement (whisper-base, 2 threads; README "Speed on CPU"), keyed by the CPU class each was made
+# for; a CPU runs the first plan whose class it has (`plan_for`). Decoder steps (1-8 rows) run fbgemm's packed
+# int8 GEMV on every x86 class: 2-3x faster than `_int_mm` and fp32 there. The AVX-512 VNNI and BF16 classes had
+# plans of their own (a `_int_mm` int8 encoder, bf16 attention, compiled by inductor): OpenVINO's int8 recipes
+# beat them by 1.3-1.6x, so fast-cpu is OpenVINO there (RUNTIME_FOR_CLASS) and those plans were removed; the
+# engine on such a CPU (`fast:`) runs the AVX2 plan.
 KERNEL_PLANS: dict[str, KernelPlan] = {
     "amx": KernelPlan(
         encoder="bf16",
@@ -63,25 +63,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         cross="bf16",
         why="AMX: the encoder's 36 linears of whisper-base at 1500 rows take 56-61 ms in bf16, 139-162 ms in "
         "int8 `_int_mm`, 225-258 ms in fp32; bf16 flash attention 12 ms a layer against fp32's 26",
-    ),
-    "avx512-bf16": KernelPlan(
-        encoder="int8",
-        attention="bf16",
-        decoder="int8-dynamic",
-        sensitive="bf16",
-        keep=FIRST_ATTENTION,
-        cross="bf16",
-        compile=True,
-        why="AVX-512 VNNI and BF16 without AMX: the plan the engine was tuned with (2.66x fp32 at batch 1); "
-        "its decoder now fbgemm's",
-    ),
-    "avx512-vnni": KernelPlan(
-        encoder="int8",
-        attention="sdpa",
-        decoder="int8-dynamic",
-        keep=FIRST_ATTENTION,
-        compile=True,
-        why="VNNI without native bf16: int8 encoder GEMMs, fp32 attention (bf16 would be emulated)",
     ),
     "avx2": KernelPlan(
         encoder="int8-dynamic-7bit-blocks",
@@ -99,17 +80,15 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         why="no measured int8 plan (ARM, old x86): the lean loop in fp32, never slower than transformers",
     ),
 }
-# CPU classes where a maintained runtime's int8 recipe measured as fast as the fast engine's plan, or faster, and
-# more accurate: there `fast-cpu` is that recipe. AVX2, forced on a Zen 4 (16 utterances, 5 repeats, one run):
-# the avx2 plan (encoder in row-blocked 7-bit fbgemm int8) 1.70x transformers fp32 at batch 1 and 1.41x at
-# batch 8, ct2-int8 1.43x and 1.02x: the engine stays fast-cpu there (WER 10.69 / 10.80 at batch 1 / 8 on
-# test-other against fp32's 10.95).
-# AVX-512 BF16 without AMX, on a Zen 4 EPYC (16 utterances, one run): ov-int8-bf16 4.44x fp32 at batch 1 and
-# 3.62x at batch 8, ov-int8 3.16x and 3.03x, the avx512-bf16 plan 2.77x and 2.78x; ov-int8-bf16 WER 10.74 on
-# test-other against fp32's 10.95 (a later run: 4.03x and 3.47x, the plan 2.64x and 2.52x).
-# AVX-512 VNNI without BF16, forced on the Zen 4 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run
-# AVX-512 f32 kernels only, which such CPUs have): ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the
-# avx512-vnni plan 2.51x and 2.27x; ov-int8 WER 6.83 on the 16 against fp32's 8.07.
+# CPU classes where a maintained runtime's int8 recipe measured faster than the fast engine, and within issue 16's
+# +0.3 WER of fp32: there `fast-cpu` is that recipe. AVX-512 BF16 without AMX, native on a Zen 4 EPYC (16
+# test-other utterances, 3 repeats, each recipe in its own process): ov-int8-bf16 3.46x transformers fp32 at
+# batch 1 and 3.00x at batch 8, the removed avx512-bf16 plan 2.93x and 2.62x; ov-int8-bf16 WER 10.74 on the 100
+# test-other utterances against fp32's 10.95. AVX-512 VNNI without BF16, forced on the Zen 4
+# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run AVX-512 f32 kernels only, which such CPUs have):
+# ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the removed avx512-vnni plan 2.51x and 2.27x; ov-int8 WER
+# 10.64 on the 100. AVX2, forced on the Zen 4 (16 utterances, 5 repeats): the avx2 plan 1.99x fp32 at batch 1 and
+# 1.96x at batch 8, ct2-int8 1.36x and 1.11x: the engine stays fast-cpu there.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
@@ -132,12 +111,14 @@ def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:
 # than transformers fp32).
 PLAN_NEEDS = {
     "amx": "AMX: without it its bf16 GEMMs and attention run up to 15x slower than fp32",
-    "avx512-bf16": "AVX-512 BF16 and VNNI: without them its int8 encoder GEMMs run up to 20x, its bf16 "
-    "attention 5x slower than fp32",
-    "avx512-vnni": "AVX-512 VNNI: without it its int8 encoder GEMMs run up to 20x slower than fp32",
     "avx2": "AVX2 and FMA",
     "portable": "",
 }
+
+
+def plan_for(here: str) -> str:
+    """The plan a CPU of class `here` runs: the first in KERNEL_PLANS whose class it has."""
+    return next(name for name in KERNEL_PLANS if has_class(here, name))
 
 
 def plan_of(recipe: Recipe) -> KernelPlan:
@@ -152,7 +133,7 @@ def cpu_shortfall(recipe: Recipe) -> str | None:
     """Why the recipe's plan is slower than fp32 on this CPU: it needs instructions this CPU's class lacks."""
     wanted = str(recipe.option("cpu"))
     here = cpu_class()
-    if recipe.weights == "fp32" or CPU_CLASSES[wanted] <= CPU_CLASSES[here]:
+    if recipe.weights == "fp32" or has_class(here, wanted):
         return None
     return (
         f"its kernels are those of CPU class {wanted!r} (they need {PLAN_NEEDS[wanted]}) and this CPU is "
@@ -163,7 +144,6 @@ def cpu_shortfall(recipe: Recipe) -> str | None:
 ATTENTION_INFO = {
     "sdpa": "fp32 SDPA (ATen's CPU flash kernel)",
     "sdpa-bf16": "bf16 SDPA (ATen's CPU flash kernel, AMX tiles)",
-    "bf16": "bf16 GEMMs over blocks of queries, fp32 softmax",
 }
 
 
@@ -181,30 +161,17 @@ def kind_chooser(recipe: Recipe) -> Any:
     return kind_of
 
 
-def compile_encoder(transcriber: FastTranscriber, frames: int, mels: int) -> float:
-    """Compile the encoder for its only input shape (one utterance, 30 s) and run it once; returns seconds.
-    Compiling here, in `quantize`, keeps the compile out of every timed region."""
-    import torch
-
-    start = time.perf_counter()
-    compiled = torch.compile(transcriber.encoder, dynamic=False)
-    with torch.inference_mode():
-        compiled(torch.zeros(1, mels, frames))
-    transcriber.encoder = compiled
-    return time.perf_counter() - start
-
-
 def linear_facts(modules: Sequence[nn.Module], lm_head: nn.Module) -> dict[str, Any]:
     """How many fused linears (LM head aside) are int8 / float, and their serialized bits per weight (scales
     included, biases not, as `base.linear_bits_per_weight` counts them)."""
-    from whisper_ptq.engines.fast import DynamicInt8Linear, FloatLinear, Int8Linear
+    from whisper_ptq.engines.fast import DynamicInt8Linear, FloatLinear
 
     head = set(lm_head.modules())
-    linears = [m for m in modules if isinstance(m, (Int8Linear, DynamicInt8Linear, FloatLinear)) and m not in head]
+    linears = [m for m in modules if isinstance(m, (DynamicInt8Linear, FloatLinear)) and m not in head]
     weights = sum(m.weight.numel() for m in linears)
     stored = sum(_saved_bytes({k: v for k, v in m.state_dict().items() if k != "bias"}) for m in linears)
     return {
-        "int8_linear": sum(isinstance(m, (Int8Linear, DynamicInt8Linear)) for m in linears),
+        "int8_linear": sum(isinstance(m, DynamicInt8Linear) for m in linears),
         "float_linear": sum(isinstance(m, FloatLinear) for m in linears),
         "linear_bits_per_weight": 8 * stored / weights,
     }
@@ -227,28 +194,22 @@ class FastCPUBackend(Backend):
         "cpu": Param(
             str,
             "auto",
-            ("auto", *CPU_CLASSES),
-            "CPU class whose kernel plan to run; auto: this CPU's (decided "
-            "when the recipe is made, and stored with it)",
+            ("auto", *KERNEL_PLANS),
+            "kernel plan to run, named after the CPU class it was made for; auto: the best plan this CPU has "
+            "the instructions for (decided when the recipe is made, and stored with it)",
         ),
         "head": Param(str, "int8", KINDS, "LM head: int8 shortlist re-scored in fp32, or fp32"),
-        "compile": Param(
-            str,
-            "auto",
-            ("auto", "true", "false"),
-            "torch.compile the encoder (once, in quantize); auto: where the CPU class's plan gains from it",
-        ),
         "decoder_threads": Param(int, 0, help="intra-op threads of the decoding loop; 0: as many as the encoder"),
     }
     named = {
         "fast-cpu": (
-            "fast engine with this CPU's kernel plan: int8 decoder and LM head (fbgemm), encoder in AMX bf16, "
-            'VNNI int8 or fp32 as the CPU runs fastest (see `cpu` and README "Speed on CPU")',
+            "fast engine with this CPU's kernel plan: int8 decoder and LM head (fbgemm), encoder in AMX bf16 or "
+            '7-bit fbgemm int8; OpenVINO int8 on AVX-512 CPUs without AMX (see `cpu` and README "Speed on CPU")',
             {},
         ),
         "fast-cpu-fp32": (
             "fast engine, nothing quantized: the engine's own speed-up over transformers generate",
-            {"weights": "fp32", "head": "fp32", "compile": "false"},
+            {"weights": "fp32", "head": "fp32"},
         ),
     }
 
@@ -260,9 +221,8 @@ class FastCPUBackend(Backend):
         threads = int(values["decoder_threads"])  # type: ignore[arg-type]
         if threads < 0:
             raise UserError(f"recipe {name!r}: decoder_threads must be 0 or more, got {threads}")
-        cpu = cpu_class() if values["cpu"] == "auto" else str(values["cpu"])
+        cpu = plan_for(cpu_class()) if values["cpu"] == "auto" else str(values["cpu"])
         plan = KERNEL_PLANS[cpu]
-        compiled = plan.compile and weights == "int8" if values["compile"] == "auto" else values["compile"] == "true"
         if head == "int8" and plan.decoder == "fp32":
             head = "fp32"  # the plan has no int8 kernel for this CPU class
         return Recipe(
@@ -275,7 +235,6 @@ class FastCPUBackend(Backend):
             keep=plan.keep if weights == "int8" else (),
             devices=("cpu",),
             options=(
-                ("compile", compiled),
                 ("cpu", cpu),
                 ("decoder_threads", threads),
                 ("head", head),
@@ -321,8 +280,9 @@ class FastCPUBackend(Backend):
             transcriber.decoder.load_state_dict(state["decoder"])
         info: dict[str, Any] = {
             "engine": "whisper_ptq.engines.fast.FastTranscriber (greedy loop, preallocated KV cache)",
-            "cpu_class": recipe.option("cpu"),
+            "cpu_class": cpu_class(),
             "kernel_plan": {
+                "name": recipe.option("cpu"),
                 "encoder": plan.encoder,
                 "attention": plan.attention,
                 "decoder": plan.decoder,
@@ -330,23 +290,17 @@ class FastCPUBackend(Backend):
                 "sensitive": plan.sensitive,
                 "why": plan.why,
             },
-            "linears": "fused q/k/v; int8: per-channel symmetric weights; int8: per-token activations, "
-            "torch._int_mm; int8-dynamic: per-call activation scale, fbgemm (-7bit: 7-bit activations)",
+            "linears": "fused q/k/v; int8: per-channel symmetric weights, fbgemm's dynamic linear, one activation "
+            "scale per call (-7bit: 7-bit activations; -blocks: one scale per block of rows)",
             **linear_facts(list(transcriber.modules()), lm_head=transcriber.decoder.head),
             "kept": list(plan.keep),
             "lm_head": f"{head} shortlist of {SHORTLIST}, re-scored in fp32" if head != "fp32" else "fp32",
             "attention": f"encoder: {ATTENTION_INFO[plan.attention]}; decoder: fp32 SDPA",
             "encoder_batching": "one utterance per encoder call",
             "decoder_threads": threads or torch.get_num_threads(),
-            "compiled": bool(recipe.option("compile")),
-            "compile_seconds": None,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels: AVX2, AVX512, ...
             "slow_here": self.slow_here(recipe, "cpu"),
         }
-        if recipe.option("compile"):
-            config = model.config
-            frames = 2 * config.max_source_positions  # conv2 has stride 2
-            info["compile_seconds"] = compile_encoder(transcriber, frames, config.num_mel_bins)
         return Built(transcriber, None, info)
 
     def save(self, quantized: Built, out_dir: Path) -> None:
@@ -355,6 +309,5 @@ class FastCPUBackend(Backend):
 
         out_dir.mkdir(parents=True, exist_ok=True)
         transcriber = quantized.transcriber
-        encoder = getattr(transcriber.encoder, "_orig_mod", transcriber.encoder)
-        state = {"encoder": encoder.state_dict(), "decoder": transcriber.decoder.state_dict()}
+        state = {"encoder": transcriber.encoder.state_dict(), "decoder": transcriber.decoder.state_dict()}
         torch.save(state, out_dir / STATE_FILE)

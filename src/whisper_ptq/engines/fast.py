@@ -5,21 +5,19 @@ Why not `HFTranscriber`: transformers' `generate` spends a decoding step on Pyth
 processors, ~40 small ops per layer), on the fp32 LM head (26.5M weights read per token for whisper-base) and
 on rows that already finished. This module reuses the model's weights but runs its own forward passes:
 
-- linears are one of `LINEAR_KINDS`: `Int8Linear` (int8 per-output-channel weights, int8 per-token dynamic
-  activations, `torch._int_mm`: oneDNN with VNNI; a row's result does not depend on the other rows),
-  `DynamicInt8Linear` (fbgemm's prepacked dynamic int8 linear, one activation scale per call: the fastest
-  kernel measured for the decoder's few-row GEMMs on every x86 class, AVX2 included), or `FloatLinear`
-  (bf16, on AMX or AVX-512 BF16, or fp32).
+- linears are one of `LINEAR_KINDS`: `DynamicInt8Linear` (int8 per-output-channel weights, fbgemm's prepacked
+  dynamic int8 linear, one activation scale per call or per block of rows: the fastest kernel measured for the
+  decoder's few-row GEMMs on every x86 class, and for the encoder's on AVX2), or `FloatLinear` (bf16 on AMX,
+  or fp32).
 - q/k/v projections are fused into one GEMM, Whisper's query scaling (1/8, a power of two) is folded into the
   q weights, the cross-attention keys/values are computed once per utterance, the self-attention KV cache is
   preallocated and written in place.
-- the encoder runs one utterance per call (one input shape, so a compiled encoder never recompiles); its
-  attention is one of `ENCODER_ATTENTION`.
+- the encoder runs one utterance per call; its attention is one of `ENCODER_ATTENTION`.
 - the LM head is `ShortlistHead`: an int8 GEMV picks the top candidates, which are re-scored in fp32 against
   the untouched fp32 embedding.
 - decoding is ragged: an utterance leaves the batch at its `<|endoftext|>` and its cache rows are dropped;
   a step's cross-attention is two plain GEMMs (`cross_attention`), cheaper than the flash kernel for one query,
-  or bf16 flash attention where the CPU has native bf16 (`bf16_cross_attention`).
+  or bf16 flash attention on AMX (`bf16_cross_attention`).
 
 The search is `engines.decoding.StepDecoding`'s (transformers' Whisper rules: the same prompts, suppressed tokens,
 length limits, OpenAI's timestamp rules for long form; greedy): this module only supplies the encoder and the
@@ -62,36 +60,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).to(torch.int8), scale
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with int8 W (per output channel) and int8 x (per row, quantized at every call)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        qweight, scale = quantize_rows(weight.detach().float())
-        # Kept (N, K) and handed to _int_mm as a transposed view: oneDNN is up to 6x faster that way for the
-        # one-row GEMMs of decoding than with a materialized (K, N) copy, and as fast for the encoder's.
-        self.register_buffer("weight", qweight.contiguous())
-        self.register_buffer("weight_scale", scale.view(1, -1))
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        qx, x_scale = quantize_rows(rows)
-        y = torch._int_mm(qx, self.weight.t()).float().mul_(x_scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.view(*x.shape[:-1], -1)
-
-
 class DynamicInt8Linear(nn.Module):
     """y = x W^T + b through fbgemm's prepacked dynamic int8 linear (`quantized::linear_dynamic`): int8
-    per-output-channel weights (the same values as `Int8Linear`'s), activations quantized per call with one
-    scale for all rows. Why not `Int8Linear` everywhere: for the 1-8 rows of a decoding step `torch._int_mm`
-    pays oneDNN's per-call setup, while fbgemm's packed GEMV does not (36 decoder linears of whisper-base,
+    per-output-channel weights, activations quantized per call with one scale for all rows. Why not
+    `torch._int_mm` (oneDNN, per-row activation scales): for the 1-8 rows of a decoding step it pays oneDNN's
+    per-call setup, while fbgemm's packed GEMV does not (36 decoder linears of whisper-base,
     2 threads, one row: fbgemm 1.3-1.8 ms, `_int_mm` 3.1-4.2 ms, fp32 3.1-4.3 ms on an AMX Xeon; forced to
     AVX2, fbgemm 2.2 ms, fp32 4.1 ms). `seven_bit`: activations in 7 bits (fbgemm's `reduce_range`), which a
     CPU without VNNI needs, since its 8-bit multiply-adds (vpmaddubsw) saturate their 16-bit pair sums.
@@ -150,7 +123,6 @@ class FloatLinear(nn.Module):
 
 
 LINEAR_KINDS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] = {
-    "int8": Int8Linear,
     "int8-dynamic": DynamicInt8Linear,
     "int8-dynamic-7bit": lambda weight, bias: DynamicInt8Linear(weight, bias, seven_bit=True),
     "int8-dynamic-7bit-blocks": lambda weight, bias: DynamicInt8Linear(weight, bias, True, ENCODER_ROW_BLOCK),
@@ -200,9 +172,6 @@ def convert_layers(layers: nn.ModuleList, convert: Callable[[nn.Module, int], nn
     return nn.ModuleList(converted)
 
 
-ATTENTION_BLOCK = 512  # queries per block of bf16_blocked_attention: 8 heads x 512 x 1500 scores, 12 MB bf16
-
-
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused fp32 attention (q pre-scaled); ATen's CPU flash kernel."""
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -210,26 +179,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 def sdpa_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused attention in bf16: with AMX, ATen's CPU flash kernel runs its GEMMs on the tiles
-    (whisper-base, one layer, 2 threads: 12 ms against 26 ms in fp32 and 17 ms for `bf16_blocked_attention`)."""
+    (whisper-base, one layer, 2 threads: 12 ms against 26 ms in fp32)."""
     return F.scaled_dot_product_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), scale=1.0).float()
 
 
-def bf16_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention with bf16 GEMMs (oneDNN, AVX-512 BF16) over blocks of `ATTENTION_BLOCK` queries, softmax in
-    fp32. Why: ATen's CPU flash kernel has no fast bf16 path without AMX (bf16 is no faster than fp32 there),
-    while a plain bf16 GEMM runs about twice the fp32 rate; blocking keeps each block's scores in cache and,
-    compiled, inductor fuses the softmax with its casts. Output error about 0.3% of fp32 attention's."""
-    batch, heads, frames, width = q.shape
-    q, k, v = (t.reshape(batch * heads, frames, width).to(torch.bfloat16) for t in (q, k, v))
-    keys = k.transpose(1, 2)
-    blocks = [
-        torch.bmm(torch.softmax(torch.bmm(q[:, start : start + ATTENTION_BLOCK], keys).float(), -1).bfloat16(), v)
-        for start in range(0, frames, ATTENTION_BLOCK)
-    ]
-    return torch.cat(blocks, dim=1).view(batch, heads, frames, width).float()
-
-
-ENCODER_ATTENTION = {"sdpa": sdpa_attention, "sdpa-bf16": sdpa_bf16_attention, "bf16": bf16_blocked_attention}
+ENCODER_ATTENTION = {"sdpa": sdpa_attention, "sdpa-bf16": sdpa_bf16_attention}
 
 
 class FastEncoderLayer(nn.Module):
@@ -445,9 +399,8 @@ class FastTranscriber(StepDecoding):
     The transformers model is consumed: its encoder and decoder layers are emptied as they are converted.
     `kind_of` picks each fused linear's kind from its transformers module names, `head_kind` the LM head's,
     `attention` the encoder's attention (`ENCODER_ATTENTION`), `cross` the decoder's cross-attention
-    (`CROSS_ATTENTION`), `stem` the dtype of the encoder's conv stem;
-    `encoder` may be replaced by a compiled version; `decoder_threads` is the intra-op thread count of the
-    decoding loop (None: the process's).
+    (`CROSS_ATTENTION`), `stem` the dtype of the encoder's conv stem; `decoder_threads` is the intra-op thread
+    count of the decoding loop (None: the process's).
     """
 
     def __init__(
@@ -466,22 +419,20 @@ class FastTranscriber(StepDecoding):
         self.max_target_positions = int(model.config.max_target_positions)
         self.generation_config = model.generation_config
         self.rules = StepRules.from_model(model)
-        self.encoder: Callable[[torch.Tensor], torch.Tensor] = FastEncoder(
-            model.model.encoder, "model.encoder", kind_of, attention, stem
-        ).eval()
+        self.encoder = FastEncoder(model.model.encoder, "model.encoder", kind_of, attention, stem).eval()
         self.decoder = FastDecoder(model.model.decoder, "model.decoder", kind_of, head_kind, cross).eval()
         self.decoder_threads = decoder_threads
 
     def modules(self) -> Iterator[nn.Module]:
-        """Every module of the (uncompiled) encoder and the decoder."""
-        yield from (m for part in (self.encoder, self.decoder) if isinstance(part, nn.Module) for m in part.modules())
+        """Every module of the encoder and the decoder."""
+        yield from self.encoder.modules()
+        yield from self.decoder.modules()
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
         return torch_threads(self.decoder_threads)
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """One utterance at a time: the encoder is compute-bound at batch 1 already (1500 frames a GEMM), and a
-        single input shape lets a compiled encoder serve every batch size without recompiling."""
+        """One utterance at a time: the encoder is compute-bound at batch 1 already (1500 frames a GEMM)."""
         return torch.cat([self.encoder(row[None]) for row in features])
 
     def start(self, encoded: torch.Tensor, prompt: torch.Tensor, max_length: int) -> tuple[Logits, Any]:

@@ -125,6 +125,14 @@ def cpu_class(flags: Iterable[str] | None = None) -> str:
     return found
 
 
+def has_class(here: str, wanted: str) -> bool:
+    """Whether a CPU of class `here` has the instructions of class `wanted`: x86 classes nest (an AVX-512 BF16
+    CPU has VNNI, AVX-512 and AVX2), so it has those of its own class and of every class after it but portable,
+    which every CPU has."""
+    order = list(CPU_CLASSES)
+    return wanted == "portable" or (here != "portable" and order.index(wanted) >= order.index(here))
+
+
 def isa_variables() -> list[str]:
     """Every environment variable that caps a library's instruction set."""
     return list(dict.fromkeys([*ISA_CAPS, *(v for env in FORCE_CLASS_ENV.values() for v in env)]))
