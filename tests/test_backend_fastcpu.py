@@ -79,23 +79,29 @@ def test_fbgemm_int8_linear_matches_float_linear_and_survives_a_state_dict_round
     assert torch.equal(rebuilt(x), saved(x))
 
 
-def test_fbgemm_row_blocks_keep_a_quiet_block_apart_from_a_loud_one() -> None:
-    """`row_block`: each block of rows gets its own activation scale, as the AVX2 encoder's 1500 frames need
-    (speech next to padding): a block's result is the one it gets alone, and rows next to rows 100x louder keep
-    fp32's values far better than under one scale for all."""
+def test_fbgemm_per_row_scales_keep_quiet_rows_apart_from_loud_ones() -> None:
+    """`per_row`: each row gets its own activation scale, as the AVX2 encoder's 1500 frames need (speech next
+    to padding): rows next to rows 100x louder keep fp32's values far better than under one scale for all, and
+    as well as alone; the bias is added once, after the rows are scaled back."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     x = torch.cat([100 * torch.randn(4, 64), torch.randn(6, 64)])
     expected = linear(x).detach()
-    blocked = DynamicInt8Linear(linear.weight, linear.bias, seven_bit=True, row_block=4)
-    got = blocked(x)
-    assert torch.equal(got[4:8], blocked(x[4:8])) and torch.equal(got[8:], blocked(x[8:]))
+    per_row = DynamicInt8Linear(linear.weight, linear.bias, seven_bit=True, per_row=True)
+    got = per_row(x)
     one_scale = DynamicInt8Linear(linear.weight, linear.bias, seven_bit=True)(x)
 
     def quiet_error(y: torch.Tensor) -> float:
         return float((y[4:] - expected[4:]).norm() / expected[4:].norm())
 
     assert quiet_error(got) < 0.03 < 0.3 < quiet_error(one_scale)
+    alone = per_row(x[4:])
+    assert float((got[4:] - alone).norm() / alone.norm()) < 0.03
+    assert float((got[:4] - expected[:4]).norm() / expected[:4].norm()) < 0.03
+    # a saved engine reloads the per-row linear's buffers and repacks them without the bias
+    rebuilt = DynamicInt8Linear(torch.randn(32, 64), torch.zeros(32), seven_bit=True, per_row=True)
+    rebuilt.load_state_dict(per_row.state_dict())
+    assert torch.equal(rebuilt(x), got)
 
 
 def test_quantize_rows_keeps_zero_rows_finite() -> None:

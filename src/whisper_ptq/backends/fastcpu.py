@@ -65,12 +65,12 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         "int8 `_int_mm`, 225-258 ms in fp32; bf16 flash attention 12 ms a layer against fp32's 26",
     ),
     "avx2": KernelPlan(
-        encoder="int8-dynamic-7bit-blocks",
+        encoder="int8-dynamic-7bit-rows",
         attention="sdpa",
         decoder="int8-dynamic-7bit",
         keep=FIRST_ATTENTION,
-        why="no VNNI (forced AVX2 on a Zen 4): 7-bit fbgemm int8 with one activation scale per 25 frames, the "
-        "encoder window 390 ms against 515 ms with fp32 linears (WER 10.69 on test-other, fp32 10.95); the "
+        why="no VNNI (forced AVX2 on a Zen 4): 7-bit fbgemm int8 with one activation scale per frame, the "
+        "encoder window 353 ms against 484 ms with fp32 linears (WER 10.38 on test-other, fp32 10.95); the "
         "decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x faster than fp32",
     ),
     "portable": KernelPlan(
@@ -291,7 +291,7 @@ class FastCPUBackend(Backend):
                 "why": plan.why,
             },
             "linears": "fused q/k/v; int8: per-channel symmetric weights, fbgemm's dynamic linear, one activation "
-            "scale per call (-7bit: 7-bit activations; -blocks: one scale per block of rows)",
+            "scale per call (-7bit: 7-bit activations; -rows: one scale per row, rows scaled before the call)",
             **linear_facts(list(transcriber.modules()), lm_head=transcriber.decoder.head),
             "kept": list(plan.keep),
             "lm_head": f"{head} shortlist of {SHORTLIST}, re-scored in fp32" if head != "fp32" else "fp32",

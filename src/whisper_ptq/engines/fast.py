@@ -6,7 +6,7 @@ processors, ~40 small ops per layer), on the fp32 LM head (26.5M weights read pe
 on rows that already finished. This module reuses the model's weights but runs its own forward passes:
 
 - linears are one of `LINEAR_KINDS`: `DynamicInt8Linear` (int8 per-output-channel weights, fbgemm's prepacked
-  dynamic int8 linear, one activation scale per call or per block of rows: the fastest kernel measured for the
+  dynamic int8 linear, one activation scale per call or per row: the fastest kernel measured for the
   decoder's few-row GEMMs on every x86 class, and for the encoder's on AVX2), or `FloatLinear` (bf16 on AMX,
   or fp32).
 - q/k/v projections are fused into one GEMM, Whisper's query scaling (1/8, a power of two) is folded into the
@@ -44,11 +44,6 @@ from whisper_ptq.settings import DecodingOptions
 # Guards the per-row scale of an all-zero row (the int8 values are then all zero anyway).
 MIN_SCALE = 1e-12
 SHORTLIST = 8  # candidates the int8 LM head passes to the exact fp32 re-scoring
-# Rows (encoder frames, 20 ms each) sharing one activation scale in `int8-dynamic-7bit-blocks`. whisper-base,
-# 100 test-other utterances, forced AVX2 on a Zen 4: WER 13.89 with one scale a window, 11.58 with blocks of
-# 100, 11.16 of 50, 10.38 and 10.69 (two runs) of 25, 10.80 of 10 (fp32 encoder 10.74); an encoder window
-# 348 ms unblocked, 390 ms in blocks of 25, 404 ms of 10, 515 ms with fp32 linears.
-ENCODER_ROW_BLOCK = 25
 
 
 # ----------------------------------------------------------------------------------------------- linears
@@ -68,15 +63,24 @@ class DynamicInt8Linear(nn.Module):
     2 threads, one row: fbgemm 1.3-1.8 ms, `_int_mm` 3.1-4.2 ms, fp32 3.1-4.3 ms on an AMX Xeon; forced to
     AVX2, fbgemm 2.2 ms, fp32 4.1 ms). `seven_bit`: activations in 7 bits (fbgemm's `reduce_range`), which a
     CPU without VNNI needs, since its 8-bit multiply-adds (vpmaddubsw) saturate their 16-bit pair sums.
-    `row_block`: one activation scale per block of that many rows instead of one per call (fbgemm takes one
-    scale a call, so a block is a call), for the encoder's 1500 frames, where one scale for the whole window
-    costs accuracy (speech and padding frames differ in range)."""
+    `per_row`: one activation scale per row, for the encoder's 1500 frames, where one scale for the whole window
+    costs accuracy (speech and padding frames differ in range). fbgemm takes one scale a call, so each row is
+    divided by its max-abs before the call and the output multiplied back after it (the bias added then).
+    Measured for whisper-base, 100 test-other utterances, forced AVX2 on a Zen 4: WER 13.89 with one scale a
+    window, 11.58 with a call per block of 100 frames, 10.69 per block of 25, 10.38 per row (fp32 10.95); an
+    encoder window 376 ms in calls of 25 frames, 353 ms per row, 484 ms with fp32 linears."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, seven_bit: bool = False, row_block: int = 0):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        seven_bit: bool = False,
+        per_row: bool = False,
+    ):
         super().__init__()
         qweight, scale = quantize_rows(weight.detach().float())
         self.seven_bit = seven_bit
-        self.row_block = row_block
+        self.per_row = per_row
         self.register_buffer("weight", qweight.contiguous())
         self.register_buffer("weight_scale", scale.view(-1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -89,7 +93,7 @@ class DynamicInt8Linear(nn.Module):
         with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's linear still takes one
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zeros, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None if self.per_row else self.bias)
 
     @property
     def out_features(self) -> int:
@@ -97,11 +101,12 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if not self.row_block or rows.shape[0] <= self.row_block:
-            y = torch.ops.quantized.linear_dynamic(rows, self.packed, self.seven_bit)
+        if self.per_row:
+            scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE)
+            y = torch.ops.quantized.linear_dynamic(rows / scale, self.packed, self.seven_bit)
+            y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         else:
-            blocks = rows.split(self.row_block)
-            y = torch.cat([torch.ops.quantized.linear_dynamic(b, self.packed, self.seven_bit) for b in blocks])
+            y = torch.ops.quantized.linear_dynamic(rows, self.packed, self.seven_bit)
         return y.view(*x.shape[:-1], -1)
 
 
@@ -125,7 +130,7 @@ class FloatLinear(nn.Module):
 LINEAR_KINDS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] = {
     "int8-dynamic": DynamicInt8Linear,
     "int8-dynamic-7bit": lambda weight, bias: DynamicInt8Linear(weight, bias, seven_bit=True),
-    "int8-dynamic-7bit-blocks": lambda weight, bias: DynamicInt8Linear(weight, bias, True, ENCODER_ROW_BLOCK),
+    "int8-dynamic-7bit-rows": lambda weight, bias: DynamicInt8Linear(weight, bias, True, per_row=True),
     "bf16": lambda weight, bias: FloatLinear(weight, bias, torch.bfloat16),
     "fp32": FloatLinear,
 }
