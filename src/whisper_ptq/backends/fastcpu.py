@@ -87,8 +87,8 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # test-other utterances against fp32's 10.95. AVX-512 VNNI without BF16, forced on the Zen 4
 # (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run AVX-512 f32 kernels only, which such CPUs have):
 # ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the removed avx512-vnni plan 2.51x and 2.27x; ov-int8 WER
-# 10.64 on the 100. AVX2, forced on the Zen 4 (16 utterances, 5 repeats): the avx2 plan 1.99x fp32 at batch 1 and
-# 1.96x at batch 8, ct2-int8 1.36x and 1.11x: the engine stays fast-cpu there.
+# 10.64 on the 100. AVX2, forced on the Zen 4 (16 utterances, 5 repeats, three runs): the avx2 plan 1.96-2.10x
+# fp32 at batch 1 and 1.80-1.84x at batch 8, ct2-int8 1.32-1.37x and 0.91-1.05x: the engine stays fast-cpu there.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
