@@ -52,7 +52,7 @@ class KernelPlan:
 # for; a CPU runs the first plan whose class it has (`plan_for`). Decoder steps (1-8 rows) run fbgemm's packed
 # int8 GEMV on every x86 class: 2-3x faster than `_int_mm` and fp32 there. The AVX-512 VNNI and BF16 classes had
 # plans of their own (a `_int_mm` int8 encoder, bf16 attention, compiled by inductor): OpenVINO's int8 recipes
-# beat them by 1.3-1.6x, so fast-cpu is OpenVINO there (RUNTIME_FOR_CLASS) and those plans were removed; the
+# beat them by 1.13-1.64x, so fast-cpu is OpenVINO there (RUNTIME_FOR_CLASS) and those plans were removed; the
 # engine on such a CPU (`fast:`) runs the AVX2 plan.
 KERNEL_PLANS: dict[str, KernelPlan] = {
     "amx": KernelPlan(

@@ -49,9 +49,14 @@ SHORTLIST = 8  # candidates the int8 LM head passes to the exact fp32 re-scoring
 # ----------------------------------------------------------------------------------------------- linears
 
 
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, shape (rows, 1), never below MIN_SCALE."""
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (int8 values, fp32 scales of shape (rows, 1))."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE) / 127.0
+    scale = row_absmax(x) / 127.0
     return torch.round(x / scale).to(torch.int8), scale
 
 
@@ -102,7 +107,7 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         if self.per_row:
-            scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE)
+            scale = row_absmax(rows)
             y = torch.ops.quantized.linear_dynamic(rows / scale, self.packed, self.seven_bit)
             y = y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         else:

@@ -117,10 +117,9 @@ def cpu_class(flags: Iterable[str] | None = None) -> str:
     environment (ISA_CAPS): the class whose kernels the libraries will actually run."""
     have = set(cpu_flags() if flags is None else flags)
     found = next(name for name, needs in CPU_CLASSES.items() if needs <= have)
-    order = list(CPU_CLASSES)
     for variable, caps in ISA_CAPS.items():
         capped = caps.get(os.environ.get(variable, ""))
-        if capped is not None and order.index(capped) > order.index(found):
+        if capped is not None and has_class(found, capped):  # a cap can only lower the class
             found = capped
     return found
 
