@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import whisper_ptq
@@ -113,6 +114,33 @@ def test_every_load_script_of_the_card_transcribes(name, clips, model_cache, sha
         if exact:
             assert texts == expected, (title, texts, expected)
     assert whisper_ptq.load(export, threads=2).transcribe(clips) == expected
+
+
+@pytest.mark.slow
+def test_a_load_script_reads_any_clip_as_whisper_ptq_does_and_refuses_what_it_would_cut(
+    model_cache, shared_data, tmp_path
+) -> None:
+    """The scripts that compute their own features read a clip as whisper-ptq does (an LJ Speech clip, 22.05 kHz,
+    as stereo: whisper-ptq's own transcript), and refuse a clip over the 30 s window instead of transcribing its
+    first 30 s."""
+    import soundfile
+
+    audio, rate = soundfile.read(open_dataset("ljspeech", shared_data).utterances[0].audio_path, dtype="float32")
+    stereo, long = tmp_path / "stereo.wav", tmp_path / "long.wav"
+    soundfile.write(stereo, np.stack([audio, audio], axis=1), rate)
+    soundfile.write(long, np.tile(audio, int(31 * rate / len(audio)) + 1), rate)
+    q = whisper_ptq.quantize("tiny.en", "ct2-int8", cache_dir=model_cache, threads=2)
+    export = q.save(tmp_path / "export")
+    exact, script = card_scripts(export)["ctranslate2"]
+    texts, _ = run_script(script, export, [str(stereo)], tmp_path)
+    assert exact and texts == q.transcribe([str(stereo)])
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "transcribe.py"), str(export), str(long)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0 and f"{long}: " in done.stderr and "clips of 30 s or less" in done.stderr
 
 
 @pytest.mark.slow

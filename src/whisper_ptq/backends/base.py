@@ -107,6 +107,18 @@ for clip in sys.argv[2:]:
 """
 
 
+# How every load script that computes its own features reads a clip, as whisper-ptq's `data.audio.load_audio`
+# does: any rate and channel count to 16 kHz mono (transformers' feature extractor refuses any other rate), and a
+# clip longer than the 30 s window is refused, not silently cut (the features hold 30 s).
+CLIP_PACKAGES = ("soundfile", "soxr")
+CLIP_IMPORTS = ("import sys", "import soundfile", "import soxr")
+READ_CLIP = """\
+    audio, rate = soundfile.read(clip, dtype="float32", always_2d=True)
+    audio = soxr.resample(audio.mean(axis=1), rate, 16000, quality="HQ")  # 16 kHz mono, as Whisper hears
+    if len(audio) > 30 * 16000:
+        sys.exit(f"{clip}: {len(audio) / 16000:.1f} s; this script transcribes clips of 30 s or less")"""
+
+
 # The decoding loop of an exported encoder/decoder graph pair (`engines/graphs.py`) written out for a user's own
 # program: short-form greedy search under the export's generation_config.json, as `engines.decoding` decodes a
 # clip of 30 s or less. `{sessions}` defines `encode` and `decode` (feeds -> outputs) with the runtime's own API.
@@ -119,8 +131,8 @@ generation = GenerationConfig.from_pretrained(export)
 {sessions}
 prompt = processor.tokenizer.convert_tokens_to_ids({prompt})
 for clip in sys.argv[2:]:
-    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, 30 s at most
-    features = processor.feature_extractor(audio, sampling_rate=rate, return_tensors="np").input_features
+{read_clip}
+    features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="np").input_features
     cross = encode({{"input_features": features.astype(np.float32)}})  # cross_key_i, cross_value_i per layer
     past = [np.zeros((1, c.shape[1], 0, c.shape[3]), np.float32) for c in cross]
     tokens, new = list(prompt), list(prompt)
@@ -148,17 +160,12 @@ def graph_loader(
 ) -> Loader:
     """The load script of an export of the two graphs, run by the runtime `sessions` sets up."""
     header = import_block(
-        [
-            "import sys",
-            "import numpy as np",
-            "import soundfile",
-            "from transformers import GenerationConfig, WhisperProcessor",
-            *imports,
-        ]
+        [*CLIP_IMPORTS, "import numpy as np", "from transformers import GenerationConfig, WhisperProcessor", *imports]
     )
-    script = GRAPH_SCRIPT.format(header=header, sessions=sessions.strip(), prompt=list(english_prompt(english_only)))
+    prompt = list(english_prompt(english_only))
+    script = GRAPH_SCRIPT.format(header=header, sessions=sessions.strip(), prompt=prompt, read_clip=READ_CLIP)
     note = "Clips of 30 s or less (whisper-ptq's long-form decoding seeks through longer recordings)."
-    return Loader(title, (*packages, "transformers", "soundfile"), script, note=note)
+    return Loader(title, (*packages, "transformers", *CLIP_PACKAGES), script, note=note)
 
 
 def transformers_loader(
@@ -169,9 +176,7 @@ def transformers_loader(
     English, transcribe, no timestamps: the export's generation_config.json plus the language for
     multilingual models). `imports`: the import lines `load` needs."""
     language = "" if english_only else ', language="en", task="transcribe"'
-    header = import_block(
-        ["import sys", "import soundfile", "import torch", "from transformers import WhisperProcessor", *imports]
-    )
+    header = import_block([*CLIP_IMPORTS, "import torch", "from transformers import WhisperProcessor", *imports])
     script = f"""\
 {header}
 
@@ -179,13 +184,13 @@ model_dir = sys.argv[1]
 {load}
 processor = WhisperProcessor.from_pretrained(model_dir)
 for clip in sys.argv[2:]:
-    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, as Whisper expects
-    features = processor(audio, sampling_rate=rate, return_tensors="pt").input_features.to(model.dtype)
+{READ_CLIP}
+    features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features.to(model.dtype)
     with torch.no_grad():
         ids = model.generate(features{language})
     print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 """
-    return Loader(title, ("transformers", "torch", "soundfile", *packages), script, note=note)
+    return Loader(title, ("transformers", "torch", *CLIP_PACKAGES, *packages), script, note=note)
 
 
 def import_block(lines: Iterable[str]) -> str:

@@ -24,7 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param
+from whisper_ptq.backends.base import (
+    CLIP_IMPORTS,
+    CLIP_PACKAGES,
+    READ_CLIP,
+    Backend,
+    BuildContext,
+    Built,
+    Loader,
+    Param,
+    import_block,
+)
 from whisper_ptq.errors import UserError
 from whisper_ptq.models.names import english_prompt
 from whisper_ptq.recipes import OptionValue, Recipe
@@ -196,21 +206,19 @@ for clip in sys.argv[2:]:
     print("".join(segment.text for segment in segments))
 """
         prompt = list(english_prompt(english_only))
+        header = import_block(
+            [*CLIP_IMPORTS, "import ctranslate2", "import numpy as np", "from transformers import WhisperProcessor"]
+        )
         ctranslate2_script = f"""\
-import sys
-
-import ctranslate2
-import numpy as np
-import soundfile
-from transformers import WhisperProcessor
+{header}
 
 model_dir = sys.argv[1]
 model = ctranslate2.models.Whisper(model_dir, device="{device}", compute_type="{kind}")
 processor = WhisperProcessor.from_pretrained(model_dir)
 prompt = processor.tokenizer.convert_tokens_to_ids({json.dumps(prompt)})
 for clip in sys.argv[2:]:
-    audio, rate = soundfile.read(clip, dtype="float32")  # 16 kHz mono, as Whisper expects
-    features = processor.feature_extractor(audio, sampling_rate=rate, return_tensors="np").input_features
+{READ_CLIP}
+    features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="np").input_features
     results = model.generate(
         ctranslate2.StorageView.from_array(np.ascontiguousarray(features, np.float32)),
         [prompt],
@@ -240,7 +248,7 @@ for clip in sys.argv[2:]:
             ),
             Loader(
                 "ctranslate2",
-                ("ctranslate2", "transformers", "soundfile"),
+                ("ctranslate2", "transformers", *CLIP_PACKAGES),
                 ctranslate2_script,
                 exact=not measured_by_faster_whisper,
                 note="CTranslate2 with transformers' features (the audio padded, not the log-mel frames as "
