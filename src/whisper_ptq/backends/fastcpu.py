@@ -69,9 +69,9 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         attention="sdpa",
         decoder="int8-dynamic-7bit",
         keep=FIRST_ATTENTION,
-        why="no VNNI (forced AVX2 on a Zen 4): 7-bit fbgemm int8 with one activation scale per frame, the "
-        "encoder window 353 ms against 484 ms with fp32 linears (WER 10.38 on test-other, fp32 10.95); the "
-        "decoder's steps in 7-bit fbgemm int8 are 1.9-2.3x faster than fp32",
+        why="no VNNI: 7-bit fbgemm int8 with one activation scale per frame (forced AVX2 on a Zen 4: the "
+        "encoder window 353 ms against 484 ms with fp32 linears, WER 10.38 on test-other, fp32 10.95; the "
+        "decoder's steps 1.9-2.3x faster than fp32); on an AVX2-only EPYC 1.36x transformers fp32 at batch 1",
     ),
     "portable": KernelPlan(
         encoder="fp32",
@@ -87,8 +87,9 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # test-other utterances against fp32's 10.95. AVX-512 VNNI without BF16, forced on the Zen 4
 # (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run AVX-512 f32 kernels only, which such CPUs have):
 # ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the removed avx512-vnni plan 2.51x and 2.27x; ov-int8 WER
-# 10.64 on the 100. AVX2, forced on the Zen 4 (16 utterances, 5 repeats, three runs): the avx2 plan 1.96-2.10x
-# fp32 at batch 1 and 1.80-1.84x at batch 8, ct2-int8 1.32-1.37x and 0.91-1.05x: the engine stays fast-cpu there.
+# 10.64 on the 100. AVX2, native on an AVX2-only EPYC (16 utterances, 3 repeats): the avx2 plan 1.36x fp32 at
+# batch 1 and 1.40x at batch 8, ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER
+# 12.63 on the 100: outside +0.3), whispercpp-q8_0 0.77x and 0.72x: the engine stays fast-cpu there.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
