@@ -77,10 +77,41 @@ def test_compress_transcribe_export_reload(
 
 
 def test_ptq_calibrates_on_the_calibration_split(model_cache: Path, shared_data: Path, audios) -> None:
+    """A calibrated build is kept under its calibration audio's key: the same clips reopen it, other clips
+    (here one more) make another build."""
     session = build("ov-int8-ptq", model_cache, shared_data, calibration_limit=2)
     assert session.info["calibration_utterances"] == 2
+    texts = session.transcribe(audios)
+    assert all(len(t.split()) >= 3 for t in texts)
+    again = build("ov-int8-ptq", model_cache, shared_data, calibration_limit=2)
+    assert again.info["reused_build"] and again.info["kept_build"] == session.info["kept_build"]
+    assert again.transcribe(audios) == texts
+    other = build("ov-int8-ptq", model_cache, shared_data, calibration_limit=3)
+    assert not other.info["reused_build"] and other.info["kept_build"] != session.info["kept_build"]
+
+
+def test_ptq_encoder_quantizes_the_encoder_only(model_cache: Path, shared_data: Path, audios) -> None:
+    """`mode=ptq-encoder`: FakeQuantize nodes (int8 activations) in the encoder graph only, the decoder's
+    weights compressed to int8, calibrated on the clips' features without decoding them."""
+    recipe = get_recipe("ov-int8-ptq-encoder-bf16")
+    assert recipe.needs_calibration and recipe.activations == "int8"
+    session = build(recipe.name, model_cache, shared_data, calibration_limit=2)
     assert all(len(t.split()) >= 3 for t in session.transcribe(audios))
-    assert "kept_build" not in session.info  # a calibrated build is never reused: its dataset's files may change
+    assert session.info["inference_precision"] == "bf16"
+    import openvino as ov
+
+    core = ov.Core()
+    fake = {
+        part: sum(
+            op.get_type_name() == "FakeQuantize"
+            for op in core.read_model(session.built.model / f"{part}.xml").get_ops()
+        )
+        for part in ("encoder", "decoder")
+    }
+    assert fake["encoder"] > 0 and fake["decoder"] == 0
+    assert "u8" in session.info["ir_constant_types"] and session.size_bytes < session.info["fp32_size_bytes"]
+    with pytest.raises(UserError, match="smooth_quant_decoder does not apply to mode=ptq-encoder"):
+        get_recipe("openvino:mode=ptq-encoder,smooth_quant_decoder=0.5")
 
 
 def test_a_second_open_reuses_the_kept_build(model_cache: Path, shared_data: Path, audios) -> None:

@@ -100,6 +100,13 @@ def check_language(bundle: WhisperBundle, decoding: DecodingOptions) -> None:
         raise UserError(f"model {bundle.source.spec} has no language {decoding.language!r}", param="language")
 
 
+def calibration_key(calib: Dataset) -> str:
+    """The calibration audio's identity for a kept build (backends/reuse.py): its spec and each clip's
+    fingerprint (audio bytes, text, modifiers), so a changed file is another key."""
+    parts = [calib.spec, *(calib.fingerprint(u) for u in calib.utterances)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
 class Quantized:
     """A Whisper model prepared by one recipe (quantized, or restored from an export), ready to transcribe and to
     evaluate on any number of datasets. `info` holds the facts recorded with every run (size, recipe, threads,
@@ -119,6 +126,7 @@ class Quantized:
             device=settings.device,
             calibration=(lambda: [calib.load_audio(u) for u in calib.utterances]) if calib else None,
             calibration_spec=calib.spec if calib else None,
+            calibration_key=calibration_key(calib) if calib else None,
         )
         calibration_info = {
             "calibration_dataset": calib.spec if calib else None,

@@ -71,6 +71,7 @@ class BuildContext:
     device: str = "cpu"
     calibration: Callable[[], list[np.ndarray]] | None = None
     calibration_spec: str | None = None
+    calibration_key: str | None = None  # what the calibration audio is (its spec and every clip's fingerprint)
     work_dir: Path | None = None
 
 

@@ -206,11 +206,15 @@ class GraphDecoding(StepDecoding):
         kept = keep_rows([*state.past, *state.cross], rows)
         return GraphState(kept[:past_length], kept[past_length:])
 
-    def calibration_feeds(self, audio: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-        """Static-quantization data from one calibration clip (30 s or less): the encoder graph's input, and the
-        decoder graph's inputs at every step of decoding it greedily in short form."""
+    def calibration_feeds(
+        self, audio: np.ndarray, decode: bool = True
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+        """Static-quantization data from one calibration clip (30 s or less): the encoder graph's input, and (if
+        `decode`) the decoder graph's inputs at every step of decoding it greedily in short form."""
         features = log_mel(self.processor, [audio])
         steps: list[dict[str, np.ndarray]] = []
+        if not decode:
+            return {"input_features": features}, steps
         run = self.run_decoder
         self.run_decoder = lambda feeds: (steps.append(feeds), run(feeds))[1]
         try:
