@@ -90,6 +90,8 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # 10.64 on the 100. AVX2, native on an AVX2-only EPYC (16 utterances, 3 repeats): the avx2 plan 1.36x fp32 at
 # batch 1 and 1.40x at batch 8, ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER
 # 12.63 on the 100: outside +0.3), whispercpp-q8_0 0.77x and 0.72x: the engine stays fast-cpu there.
+# ov-int8-ptq-encoder-bf16 (int8 activations in the encoder) is faster still on AVX-512 BF16 (README), but it is
+# not fast-cpu: it needs calibration audio and its first open took 61 s, against fast-cpu's goal of 20.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
 
 
