@@ -138,7 +138,8 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     """Where an OpenVINO recipe's time goes, by the CPU plugin's own per-node counters (`PERF_COUNT`): the
     encoder on a 30 s window, the decoder over every step of greedy-decoding one utterance; the linears
     (FullyConnected nodes, "Compressed" with int8 weights) as GFLOP/s against the peak of the precision they
-    compute in (encoder), and as bytes of int8 weights read per second (decoder)."""
+    compute in, int8 where the recipe quantized the encoder's activations (encoder), and as bytes of int8
+    weights read per second (decoder)."""
     import openvino as ov
 
     from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_config
@@ -167,7 +168,9 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     weights = {"encoder": 0, "decoder": config_.vocab_size * config_.d_model}
     for name, count in linear_layers(session.bundle.model).items():
         weights["encoder" if ".encoder." in name or name.endswith(cross) else "decoder"] += count
-    peak = PEAK_PER_CYCLE[cpu_class()]["bf16" if precision == "bf16" else "fp32"]
+    int8_encoder = session.recipe.option("mode") in ("ptq", "ptq-encoder")  # FullyConnected on int8 inputs
+    computes = "int8" if int8_encoder else "bf16" if precision == "bf16" else "fp32"
+    peak = PEAK_PER_CYCLE[cpu_class()][computes]
     ghz = nominal_ghz()
     per_node_type(graphs[ENCODER], [encoder_feeds])  # warm-up
     for graph, part, feeds in (("encoder", ENCODER, [encoder_feeds] * 3), ("decoder", DECODER, steps)):
@@ -180,7 +183,7 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
             rate = 2 * 1500 * weights["encoder"] / linear / 1e9
             ceiling = peak * ghz * args.threads if peak and ghz else None
             limit = f"linears {rate:.0f} GFLOP/s" + (
-                f" ({100 * rate / ceiling:.0f}% of {precision} peak {ceiling:.0f})" if ceiling else ""
+                f" ({100 * rate / ceiling:.0f}% of {computes} peak {ceiling:.0f})" if ceiling else ""
             )
             unit = "a 30 s window"
         else:
