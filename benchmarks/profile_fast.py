@@ -168,8 +168,8 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     weights = {"encoder": 0, "decoder": config_.vocab_size * config_.d_model}
     for name, count in linear_layers(session.bundle.model).items():
         weights["encoder" if ".encoder." in name or name.endswith(cross) else "decoder"] += count
-    int8_encoder = session.recipe.option("mode") in ("ptq", "ptq-encoder")  # FullyConnected on int8 inputs
-    computes = "int8" if int8_encoder else "bf16" if precision == "bf16" else "fp32"
+    # a recipe with int8 activations quantizes the encoder's (ptq, ptq-encoder): FullyConnected on int8 inputs
+    computes = "int8" if session.recipe.activations == "int8" else "bf16" if precision == "bf16" else "fp32"
     peak = PEAK_PER_CYCLE[cpu_class()][computes]
     ghz = nominal_ghz()
     per_node_type(graphs[ENCODER], [encoder_feeds])  # warm-up

@@ -149,8 +149,8 @@ class OpenVINOBackend(Backend):
                 if ctx.calibration is None:
                     raise UserError(f"recipe {recipe.name!r} needs calibration audio")
                 fp32 = openvino_engine(encoder, decoder, bundle.model, bundle.processor, threads, "f32")
-                encoder_only = recipe.option("mode") == "ptq-encoder"
-                calibration = calibration_items(fp32, ctx.calibration(), decoder=not encoder_only)
+                decoder_mode = part_mode(str(recipe.option("mode")), "decoder")
+                calibration = calibration_items(fp32, ctx.calibration(), decoder=decoder_mode != "int8")
             encoder, decoder = compress(encoder, decoder, recipe, calibration)
         workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-openvino-")
         model_dir = Path(workspace.name) / "model"
@@ -201,16 +201,23 @@ def calibration_items(fp32: Any, audios: list[Any], decoder: bool = True) -> dic
     }
 
 
+def part_mode(mode: str, part: str) -> str:
+    """The mode one graph (encoder or decoder) is compressed in: ptq-encoder is ptq for the encoder and int8
+    weight-only for the decoder, every other mode is the same for both."""
+    return {"encoder": "ptq", "decoder": "int8"}[part] if mode == "ptq-encoder" else mode
+
+
 def compress(encoder: Any, decoder: Any, recipe: Recipe, calibration: dict[str, list[dict]] | None) -> tuple[Any, Any]:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    mode, symmetric = str(recipe.option("mode")), bool(recipe.option("symmetric"))
+    symmetric = bool(recipe.option("symmetric"))
     done = []
     for part, model in (("encoder", encoder), ("decoder", decoder)):
+        mode = part_mode(str(recipe.option("mode")), part)
         data = None if calibration is None else calibration[part]
         dataset = None if not data else nncf.Dataset(data)
-        if mode == "ptq" or (mode == "ptq-encoder" and part == "encoder"):
+        if mode == "ptq":
             alpha = float(recipe.option(f"smooth_quant_{part}"))  # type: ignore[arg-type]
             smooth = AdvancedSmoothQuantParameters(matmul=alpha)
             model = nncf.quantize(
@@ -220,7 +227,7 @@ def compress(encoder: Any, decoder: Any, recipe: Recipe, calibration: dict[str, 
                 model_type=nncf.ModelType.TRANSFORMER,
                 advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth),
             )
-        elif mode in ("int8", "ptq-encoder"):
+        elif mode == "int8":
             weights = nncf.CompressWeightsMode.INT8_SYM if symmetric else nncf.CompressWeightsMode.INT8_ASYM
             with numpy_weight_lowering():
                 model = nncf.compress_weights(model, mode=weights)

@@ -35,7 +35,7 @@ FACTS = "build.json"
 
 
 def build_facts(
-    backend: Backend, model: Any, recipe: Recipe, source_sha256: str, calibration_key: str | None = None
+    backend: Backend, model: Any, recipe: Recipe, source_sha256: str, calibration_key: str | None
 ) -> dict[str, Any]:
     return {
         "calibration": calibration_key,
