@@ -362,6 +362,27 @@ def test_concat_joins_consecutive_utterances_of_a_chapter(shared_data):
     assert open_dataset("librispeech:test-other+concat:seconds=120", shared_data) == joined  # deterministic
 
 
+def test_a_joined_recordings_fingerprint_covers_every_part(shared_data, tmp_path):
+    """A stored result (or a kept calibrated build) of a joined recording is stale when any of its parts
+    changes, not only its first."""
+    sources = [u.audio_path for u in open_dataset("librispeech:test-clean", shared_data).utterances[:3]]
+    for index, source in enumerate(sources[:2]):
+        shutil.copy(source, tmp_path / f"clip{index}.flac")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": f"clip{i}.flac", "text": "a b"}) + "\n" for i in range(2)))
+    spec = f"manifest:{manifest}+concat:seconds=60,within=dataset"
+
+    def joined_fingerprint() -> str:
+        dataset = open_dataset(spec, shared_data)
+        [joined] = dataset.utterances
+        assert len(joined.parts) == 2
+        return dataset.fingerprint(joined)
+
+    before = joined_fingerprint()
+    shutil.copy(sources[2], tmp_path / "clip1.flac")  # the second part's audio is edited
+    assert joined_fingerprint() != before
+
+
 def test_concat_within_dataset_and_length_bound(shared_data):
     joined = open_dataset("librispeech:test-clean+concat:seconds=75,within=dataset", shared_data)
     assert [len(u.parts) for u in joined.utterances] == [9, 2]

@@ -101,14 +101,16 @@ class Dataset:
         return bool(self.utterances) and all(u.text is not None for u in self.utterances)
 
     def fingerprint(self, utt: Utterance) -> str:
-        """What a result for `utt` is computed from: a hash of its audio file's bytes, its reference text and
-        the modifiers applied to it. A stored result whose fingerprint differs is of other data."""
+        """What a result for `utt` is computed from: a hash of its audio files' bytes (every part of a joined
+        recording, `+concat`), its reference text and the modifiers applied to it. A stored result whose
+        fingerprint differs is of other data."""
         digest = hashlib.sha256()
-        try:
-            with open(utt.audio_path, "rb") as audio:
-                digest.update(hashlib.file_digest(audio, "sha256").digest())
-        except OSError as exc:
-            raise UserError(f"cannot read audio file {utt.audio_path}: {exc.strerror}") from None
+        for path in utt.audio_paths:
+            try:
+                with open(path, "rb") as audio:
+                    digest.update(hashlib.file_digest(audio, "sha256").digest())
+            except OSError as exc:
+                raise UserError(f"cannot read audio file {path}: {exc.strerror}") from None
         digest.update(b"\0".join(part.encode() for part in (utt.text or "", *(m.spec for m in self.modifiers))))
         return digest.hexdigest()[:32]
 
