@@ -140,23 +140,25 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     (FullyConnected nodes, "Compressed" with int8 weights) as GFLOP/s against the peak of the precision they
     compute in, int8 where the recipe quantized the encoder's activations (encoder), and as bytes of int8
     weights read per second (decoder)."""
-    import openvino as ov
+    from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_graphs
 
-    from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_config
-
-    precision = session.info["inference_precision"]
-    config = {**compile_config(args.threads, precision), "PERF_COUNT": True}
-    core, folder = ov.Core(), Path(session.built.model)
-    graphs = {
-        part: core.compile_model(str(folder / part), "CPU", config).create_infer_request()
-        for part in (ENCODER, DECODER)
+    properties = session.info["plugin_properties"]
+    precision = properties["encoder"]["INFERENCE_PRECISION_HINT"]
+    folder, layers = Path(session.built.model), session.bundle.model.config.decoder_layers
+    graphs = compile_graphs(
+        str(folder / ENCODER), str(folder / DECODER), layers, args.threads, properties, PERF_COUNT=True
+    )
+    runs = {
+        "encoder": (graphs.encoder, lambda f: graphs.encode(f["input_features"])),
+        "decoder": (graphs.decoder, graphs.decode),
     }
     encoder_feeds, steps = session.built.transcriber.calibration_feeds(audio)
 
-    def per_node_type(request, all_feeds: list[dict]) -> dict[str, float]:
+    def per_node_type(part: str, all_feeds: list[dict]) -> dict[str, float]:
+        request, run = runs[part]
         seconds: dict[str, float] = {}
         for feeds in all_feeds:
-            request.infer(feeds)
+            run(feeds)
             for node in request.profiling_info:
                 seconds[node.node_type] = seconds.get(node.node_type, 0.0) + node.real_time.total_seconds()
         return {kind: t / len(all_feeds) for kind, t in seconds.items()}
@@ -172,9 +174,9 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     computes = "int8" if session.recipe.activations == "int8" else "bf16" if precision == "bf16" else "fp32"
     peak = PEAK_PER_CYCLE[cpu_class()][computes]
     ghz = nominal_ghz()
-    per_node_type(graphs[ENCODER], [encoder_feeds])  # warm-up
-    for graph, part, feeds in (("encoder", ENCODER, [encoder_feeds] * 3), ("decoder", DECODER, steps)):
-        times = per_node_type(graphs[part], feeds)
+    per_node_type("encoder", [encoder_feeds])  # warm-up
+    for graph, feeds in (("encoder", [encoder_feeds] * 3), ("decoder", steps)):
+        times = per_node_type(graph, feeds)
         total = sum(times.values())
         linear = sum(t for kind, t in times.items() if kind.startswith("FullyConnected"))  # ...Compressed: int8
         top = sorted(times.items(), key=lambda kv: -kv[1])[:5]

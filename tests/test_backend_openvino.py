@@ -3,6 +3,7 @@ transformers, NNCF's weight compression and PTQ give working models, and an expo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ def test_named_recipes_and_refusals() -> None:
         get_recipe("openvino:mode=int4,ratio=0")
     with pytest.raises(UserError, match="smooth_quant_encoder does not apply to mode=int4"):
         get_recipe("openvino:mode=int4,smooth_quant_encoder=0.5")
+    with pytest.raises(UserError, match="dynamic_quant_encoder does not apply to mode=none"):
+        get_recipe("openvino:mode=none,dynamic_quant_encoder=0")
 
 
 def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:
@@ -54,7 +57,8 @@ def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: P
     expected = [HFTranscriber(bundle.model, bundle.processor).transcribe([a])[0] for a in audios]
     session = build("ov-fp32", model_cache, shared_data, batch_size=2)  # one batch: the shorter row leaves first
     assert session.transcribe(audios) == expected
-    assert session.info["linear_bits_per_weight"] == 32.0 and session.info["inference_precision"] == "f32"
+    assert session.info["linear_bits_per_weight"] == 32.0
+    assert session.info["plugin_properties"]["encoder"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert "f32" in session.info["ir_constant_types"] and "u8" not in session.info["ir_constant_types"]
     assert abs(session.size_bytes / session.info["fp32_size_bytes"] - 1) < 0.01
 
@@ -97,7 +101,7 @@ def test_ptq_encoder_quantizes_the_encoder_only(model_cache: Path, shared_data: 
     assert recipe.needs_calibration and recipe.activations == "int8"
     session = build(recipe.name, model_cache, shared_data, calibration_limit=2)
     assert all(len(t.split()) >= 3 for t in session.transcribe(audios))
-    assert session.info["inference_precision"] == "bf16"
+    assert session.info["plugin_properties"]["decoder"]["INFERENCE_PRECISION_HINT"] == "bf16"
     import openvino as ov
 
     core = ov.Core()
@@ -127,10 +131,48 @@ def test_a_second_open_reuses_the_kept_build(model_cache: Path, shared_data: Pat
     assert int8.info["kept_build"] != first.info["kept_build"]
     bf16 = build("ov-int8-bf16", model_cache, shared_data)
     assert bf16.info["reused_build"] and bf16.info["kept_build"] == int8.info["kept_build"]
-    assert bf16.info["inference_precision"] == "bf16" and int8.info["inference_precision"] == "f32"
+    precisions = [q.info["plugin_properties"]["decoder"]["INFERENCE_PRECISION_HINT"] for q in (bf16, int8)]
+    assert precisions == ["bf16", "f32"]
+    unquantized_decoder = build("openvino:dynamic_quant_decoder=0", model_cache, shared_data)
+    assert unquantized_decoder.info["kept_build"] == int8.info["kept_build"]
+    assert unquantized_decoder.info["plugin_properties"]["decoder"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
     (Path(first.info["kept_build"]) / "model" / "decoder.xml").unlink()
     rebuilt = build("openvino:symmetric=true", model_cache, shared_data)
     assert not rebuilt.info["reused_build"] and rebuilt.transcribe(audios) == first.transcribe(audios)
+
+
+def test_bf16_cross_attention_ports_change_no_result(model_cache: Path, shared_data: Path, audios) -> None:
+    """Computing in bf16, the engine passes the cross-attention keys/values between the graphs in bf16
+    (`compile_graphs`): it transcribes exactly as the plain f32 ports do, the logits of every step to the bit."""
+    import openvino as ov
+
+    from whisper_ptq.engines.graphs import GraphDecoding
+    from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_config, native_capabilities
+
+    core = ov.Core()
+    if "BF16" not in native_capabilities(core):
+        pytest.skip("this CPU does not compute in bf16 natively: the engine keeps f32 ports")
+    session = build("ov-int8-bf16", model_cache, shared_data)
+    encoder, decoder = session.built.transcriber.run_encoder, session.built.transcriber.run_decoder
+    assert encoder(np.zeros((1, 80, 3000), np.float32))[0].dtype == np.uint16  # bf16 bits
+    properties, folder = session.info["plugin_properties"], Path(session.built.model)
+    plain = {
+        part: core.compile_model(str(folder / graph), "CPU", compile_config(2, properties[part])).create_infer_request()
+        for graph, part in ((ENCODER, "encoder"), (DECODER, "decoder"))
+    }
+    logits: list[np.ndarray] = []
+    reference = GraphDecoding(
+        lambda features: list(plain["encoder"].infer({"input_features": features}).values()),
+        lambda feeds: (out := list(plain["decoder"].infer(feeds).values()), logits.append(out[0]))[0],
+        session.bundle.model,
+        session.bundle.processor,
+    )
+    built = dataclasses.replace(session.built, transcriber=reference)
+    expected = Quantized(session.bundle, session.recipe, built, session.settings, session.info).transcribe(audios)
+    ported: list[np.ndarray] = []
+    session.built.transcriber.run_decoder = lambda feeds: (out := decoder(feeds), ported.append(out[0]))[0]
+    assert session.transcribe(audios) == expected
+    assert len(ported) == len(logits) and all(np.array_equal(a, b) for a, b in zip(ported, logits, strict=True))
 
 
 def test_numpy_weight_lowering_is_nncfs_own_result(model_cache: Path) -> None:
