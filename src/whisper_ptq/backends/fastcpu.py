@@ -80,19 +80,22 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         why="no measured int8 plan (ARM, old x86): the lean loop in fp32, never slower than transformers",
     ),
 }
-# CPU classes where a maintained runtime's int8 recipe measured faster than the fast engine, and within issue 16's
-# +0.3 WER of fp32: there `fast-cpu` is that recipe. AVX-512 BF16 without AMX, native on a Zen 4 EPYC (16
-# test-other utterances, 3 repeats, each recipe in its own process): ov-int8-bf16 3.46x transformers fp32 at
-# batch 1 and 3.00x at batch 8, the removed avx512-bf16 plan 2.93x and 2.62x; ov-int8-bf16 WER 10.74 on the 100
-# test-other utterances against fp32's 10.95. AVX-512 VNNI without BF16, forced on the Zen 4
-# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run AVX-512 f32 kernels only, which such CPUs have):
-# ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the removed avx512-vnni plan 2.51x and 2.27x; ov-int8 WER
-# 10.64 on the 100. AVX2, native on an AVX2-only EPYC (16 utterances, 3 repeats): the avx2 plan 1.36x fp32 at
-# batch 1 and 1.40x at batch 8, ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER
-# 12.63 on the 100: outside +0.3), whispercpp-q8_0 0.77x and 0.72x: the engine stays fast-cpu there.
-# ov-int8-ptq-encoder-bf16 (int8 activations in the encoder) is faster still on AVX-512 BF16 (README), but it is
-# not fast-cpu: it needs calibration audio and its first open took 61 s, against fast-cpu's goal of 20.
-RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8", "avx512-bf16": "ov-int8-bf16"}
+# CPU classes where a maintained runtime's int8 recipe measured faster than the fast engine, and within issue 16's +0.3
+# WER of fp32: there `fast-cpu` is that recipe. AVX-512 BF16 without AMX, native on a Zen 4 EPYC (16 test-other
+# utterances, 3 repeats, each recipe in its own process): ov-int8-bf16 3.46x transformers fp32 at batch 1 and 3.00x at
+# batch 8, the removed avx512-bf16 plan 2.93x and 2.62x; on a second Zen 4, with the cross-attention keys/values passed
+# in bf16 (engines/openvino.compile_graphs), ov-int8-bf16 3.12x and 2.90x and ov-int8-bf16-dq128 (its encoder's
+# activations quantized in groups of 128, the decoder's not) 3.64x and 3.30x; WER on the 100 test-other utterances
+# ov-int8-bf16 10.74, ov-int8-bf16-dq128 10.80, fp32 10.95. AVX-512 VNNI without BF16, forced on the Zen 4
+# (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI; ov-int8's nodes run AVX-512 f32 kernels and VNNI int8, which such CPUs have):
+# ov-int8 3.89x fp32 at batch 1 and 3.21x at batch 8, the removed avx512-vnni plan 2.51x and 2.27x; on the second Zen 4
+# ov-int8 2.53x and 1.98x, ov-int8-dq128 2.89x and 2.20x; WER on the 100 ov-int8 10.64, ov-int8-dq128 10.90. AVX2,
+# native on an AVX2-only EPYC (16 utterances, 3 repeats): the avx2 plan 1.36x fp32 at batch 1 and 1.40x at batch 8,
+# ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER 12.63 on the 100: outside +0.3),
+# whispercpp-q8_0 0.77x and 0.72x: the engine stays fast-cpu there. ov-int8-ptq-encoder-bf16 (int8 activations in the
+# encoder) is faster still on AVX-512 BF16 (README), but it is not fast-cpu: it needs calibration audio and its first
+# open took 61 s, against fast-cpu's goal of 20.
+RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8-dq128", "avx512-bf16": "ov-int8-bf16-dq128"}
 
 
 def fast_cpu_here(recipes: dict[str, Recipe]) -> Recipe:
