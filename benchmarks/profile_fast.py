@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of, has_class
 
 force_cpu_class_of(sys.argv)  # before torch loads: the libraries read their ISA caps once
 
@@ -138,7 +138,7 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     """Where an OpenVINO recipe's time goes, by the CPU plugin's own per-node counters (`PERF_COUNT`): the
     encoder on a 30 s window, the decoder over every step of greedy-decoding one utterance; the linears
     (FullyConnected nodes, "Compressed" with int8 weights) as GFLOP/s against the peak of the precision they
-    compute in, int8 where the recipe quantized the encoder's activations (encoder), and as bytes of int8
+    compute in, int8 where the encoder's activations are (encoder), and as bytes of int8
     weights read per second (decoder)."""
     from whisper_ptq.engines.openvino import DECODER, ENCODER, compile_graphs
 
@@ -170,8 +170,16 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     weights = {"encoder": 0, "decoder": config_.vocab_size * config_.d_model}
     for name, count in linear_layers(session.bundle.model).items():
         weights["encoder" if ".encoder." in name or name.endswith(cross) else "decoder"] += count
-    # a recipe with int8 activations quantizes the encoder's (ptq, ptq-encoder): FullyConnected on int8 inputs
-    computes = "int8" if session.recipe.activations == "int8" else "bf16" if precision == "bf16" else "fp32"
+    # The encoder's linears multiply int8 inputs where the recipe quantizes its activations (ptq, ptq-encoder), and
+    # where the plugin quantizes them at run time (dynamic quantization of int8-weight linears, on VNNI CPUs): its
+    # counters name the same bf16/f32 kernel either way, but a window was 1.4x faster with it, its outputs changed.
+    dynamic = (
+        session.recipe.weights != "fp32"
+        and properties["encoder"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] > 0
+        and has_class(cpu_class(), "avx512-vnni")
+    )
+    int8 = session.recipe.activations == "int8" or dynamic
+    computes = "int8" if int8 else "bf16" if precision == "bf16" else "fp32"
     peak = PEAK_PER_CYCLE[cpu_class()][computes]
     ghz = nominal_ghz()
     per_node_type("encoder", [encoder_feeds])  # warm-up

@@ -50,6 +50,10 @@ def test_named_recipes_and_refusals() -> None:
         get_recipe("openvino:mode=int4,smooth_quant_encoder=0.5")
     with pytest.raises(UserError, match="dynamic_quant_encoder does not apply to mode=none"):
         get_recipe("openvino:mode=none,dynamic_quant_encoder=0")
+    with pytest.raises(UserError, match="dynamic_quant_decoder must be 0 .off. or a group size, got -32"):
+        get_recipe("openvino:dynamic_quant_decoder=-32")
+    dq = dict(get_recipe("ov-int8-bf16-dq128").options)
+    assert (dq["precision"], dq["dynamic_quant_encoder"], dq["dynamic_quant_decoder"]) == ("bf16", 128, 0)
 
 
 def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:

@@ -143,6 +143,11 @@ class OpenVINOBackend(Backend):
             raise UserError(f"recipe {name!r}: group_size must be positive or -1, got {group}")
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"recipe {name!r}: ratio must be in (0, 1], got {ratio}")
+        negative = [f"dynamic_quant_{part}" for part in PARTS if int(values[f"dynamic_quant_{part}"]) < 0]  # type: ignore[arg-type]
+        if negative:
+            raise UserError(
+                f"recipe {name!r}: {negative[0]} must be 0 (off) or a group size, got {values[negative[0]]}"
+            )
         calibrated = mode in STATIC or (mode == "int4" and any(values[k] for k in CALIBRATED_OPTIONS))
         return Recipe(
             name=name,
