@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from whisper_ptq.results import environment
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -18,3 +20,10 @@ def shared_data() -> Path:
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A whisper-ptq cache dir shared by the test session, so each packaged model is converted only once."""
     return tmp_path_factory.mktemp("whisper-ptq-cache")
+
+
+@pytest.fixture
+def no_isa_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests that give CPU flags themselves: the caps of the environment would lower what they state."""
+    for variable in environment.isa_variables():
+        monkeypatch.delenv(variable, raising=False)

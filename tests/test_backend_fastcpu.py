@@ -31,13 +31,6 @@ RUNNABLE_PLANS = [name for name in KERNEL_PLANS if has_class(cpu_class(), name)]
 VNNI = has_class(cpu_class(), "avx512-vnni")
 
 
-@pytest.fixture
-def no_isa_caps(monkeypatch) -> None:
-    """Tests that give CPU flags themselves: the caps of the environment would lower what they state."""
-    for variable in environment.isa_variables():
-        monkeypatch.delenv(variable, raising=False)
-
-
 UTTERANCES = (4, 1, 0)  # test-clean sample: 2.1 s, 3.3 s and a longer one
 
 

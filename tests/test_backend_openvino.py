@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from test_export import card_scripts, run_script  # tests/ is on sys.path (pytest's rootdir-less import mode)
 
-from whisper_ptq.backends import get_recipe
+from whisper_ptq.backends import backend_for, get_recipe
 from whisper_ptq.data import open_dataset
 from whisper_ptq.engines.hf import HFTranscriber
 from whisper_ptq.errors import UserError
 from whisper_ptq.evaluation import Quantized
 from whisper_ptq.models.loading import load_model
+from whisper_ptq.results import environment
 from whisper_ptq.settings import Settings
 
 UTTERANCES = (4, 1)  # test-clean sample: 2.1 s and 3.3 s
@@ -54,6 +55,24 @@ def test_named_recipes_and_refusals() -> None:
         get_recipe("openvino:dynamic_quant_decoder=-32")
     dq = dict(get_recipe("ov-int8-bf16-dq128").options)
     assert (dq["precision"], dq["dynamic_quant_encoder"], dq["dynamic_quant_decoder"]) == ("bf16", 128, 0)
+
+
+@pytest.mark.parametrize(
+    "flags, slow",
+    [
+        (["avx2", "fma"], True),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], True),  # Cascade Lake: bf16 emulated
+        (["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"], False),
+        (["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"], False),
+    ],
+)
+def test_a_bf16_recipe_says_so_on_a_cpu_without_native_bf16(flags, slow, monkeypatch, no_isa_caps) -> None:
+    monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
+    backend = backend_for(get_recipe("ov-int8-bf16-dq128"))
+    reason = backend.slow_here(get_recipe("ov-int8-bf16-dq128"), "cpu")
+    assert (reason is not None) == slow
+    assert reason is None or "precision=f32" in reason
+    assert backend.slow_here(get_recipe("ov-int8-dq128"), "cpu") is None
 
 
 def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param, graph_loader
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
+from whisper_ptq.results.environment import cpu_class, has_class
 
 MODES = ("none", "int8", "int4", "ptq", "ptq-encoder")
 PARTS = ("encoder", "decoder")
@@ -125,6 +126,17 @@ class OpenVINOBackend(Backend):
             {"mode": "ptq-encoder", "precision": "bf16"},
         ),
     }
+
+    def slow_here(self, recipe: Recipe, device: str) -> str | None:
+        here = cpu_class()
+        if recipe.option("precision") != "bf16" or has_class(here, "avx512-bf16"):
+            return None
+        # The plugin counts AVX-512 as bf16 support (utils/precision_support.cpp) and emulates it there, which its
+        # docs call much slower than f32; without AVX-512 it computes in f32.
+        return (
+            f"precision=bf16 on this {here} CPU, which has no native BF16: the CPU plugin emulates bf16 (AVX-512) or "
+            "computes in f32; the same recipe with precision=f32 is the one to run here"
+        )
 
     def make_recipe(self, name: str, values: dict[str, OptionValue], description: str) -> Recipe:
         mode, group = str(values["mode"]), int(values["group_size"])  # type: ignore[arg-type]
