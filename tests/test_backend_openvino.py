@@ -4,12 +4,16 @@ transformers, NNCF's weight compression and PTQ give working models, and an expo
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_export import card_scripts, run_script  # tests/ is on sys.path (pytest's rootdir-less import mode)
 
+from whisper_ptq import preflight
 from whisper_ptq.backends import backend_for, get_recipe
 from whisper_ptq.data import open_dataset
 from whisper_ptq.engines.hf import HFTranscriber
@@ -66,13 +70,35 @@ def test_named_recipes_and_refusals() -> None:
         (["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"], False),
     ],
 )
-def test_a_bf16_recipe_says_so_on_a_cpu_without_native_bf16(flags, slow, monkeypatch, no_isa_caps) -> None:
+def test_a_bf16_recipe_says_so_on_a_cpu_without_native_bf16(flags, slow, monkeypatch, capsys, no_isa_caps) -> None:
     monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
     backend = backend_for(get_recipe("ov-int8-bf16-dq128"))
     reason = backend.slow_here(get_recipe("ov-int8-bf16-dq128"), "cpu")
     assert (reason is not None) == slow
     assert reason is None or "precision=f32" in reason
     assert backend.slow_here(get_recipe("ov-int8-dq128"), "cpu") is None
+    # warned once a process, though the CLI checks before loading the model and Quantized.build again
+    monkeypatch.setattr(preflight, "WARNED", set())
+    for _ in range(2):
+        preflight.check_runnable(get_recipe("ov-int8-bf16-dq128"), "cpu")
+    assert capsys.readouterr().err.count("is slow on this CPU") == (1 if slow else 0)
+
+
+def test_an_isa_cap_the_plugin_cannot_compile_under_is_one_clear_error(model_cache, shared_data, tmp_path) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU left ov-int8's first encoder call without a kernel: a traceback.
+    Where the cap lowers nothing (an AVX2 CPU), the run succeeds; either way no traceback, no half-written --out."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-P", "-m", "whisper_ptq.cli", "eval", "--model", "tiny.en", "--recipe", "ov-int8"]
+    command += ["--dataset", "librispeech:test-clean", "--limit", "1", "--no-progress", "--out", str(out)]
+    command += ["--cache-dir", str(model_cache), "--data-root", str(shared_data)]
+    done = subprocess.run(command, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    if done.returncode:
+        assert done.returncode == 2 and not out.exists()
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: OpenVINO cannot ") and "under ONEDNN_MAX_CPU_ISA=AVX2" in last, last
+    else:
+        assert (out / "summary.json").is_file()
 
 
 def test_fp32_ir_transcribes_like_transformers(model_cache: Path, shared_data: Path, audios) -> None:

@@ -18,6 +18,8 @@ from whisper_ptq.recipes import Recipe
 from whisper_ptq.results.rows import WINDOW_SECONDS
 from whisper_ptq.settings import DecodingOptions, Settings
 
+WARNED: set[tuple[str, str]] = set()  # (recipe, why it is slow) warned about in this process
+
 
 def check_runnable(recipe: Recipe, device: str) -> None:
     """Refuse a recipe this machine cannot run; warn (stderr) about one its CPU runs slowly."""
@@ -26,7 +28,8 @@ def check_runnable(recipe: Recipe, device: str) -> None:
     if reason:
         raise UserError(f"recipe {recipe.name!r} cannot run here: {reason}")
     slow = backend.slow_here(recipe, device)
-    if slow:
+    if slow and (recipe.name, slow) not in WARNED:  # the CLI checks before loading torch, Quantized.build again
+        WARNED.add((recipe.name, slow))
         print(f"warning: recipe {recipe.name!r} is slow on this CPU: {slow}", file=sys.stderr)
 
 

@@ -9,12 +9,15 @@ or AMX; the engine asks for `precision` explicitly (f32 unless told), and record
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from whisper_ptq.errors import UserError
 
 ENCODER, DECODER = "encoder.xml", "decoder.xml"
 
@@ -100,17 +103,26 @@ def compile_graphs(
         for name in cross:
             ports.input(name).tensor().set_element_type(ov.Type.bf16)
         decoder = ports.build()
-    encoder_request, decoder_request = (
-        core.compile_model(graph, "CPU", {**compile_config(threads, properties[part]), **config}).create_infer_request()
-        for graph, part in ((encoder, "encoder"), (decoder, "decoder"))
-    )
+    requests = {}
+    for part, graph in (("encoder", encoder), ("decoder", decoder)):
+        try:
+            compiled = core.compile_model(graph, "CPU", {**compile_config(threads, properties[part]), **config})
+        except RuntimeError as error:
+            refuse_under_isa_cap(error, f"compile the {part}")
+            raise
+        requests[part] = compiled.create_infer_request()
+    encoder_request, decoder_request = requests["encoder"], requests["decoder"]
 
     # share_inputs: a plain call copies its inputs, and every decoder step's include each layer's cross-attention
     # keys/values: sharing them made ov-int8 9% faster at batch 1 and 8. The outputs are copied
     # (share_outputs=False): the past keys/values outlive the step. A bf16 output comes back as a float16 array
     # of the same bits, viewed as uint16 here so nothing reads it as float16.
     def encode(features: np.ndarray) -> list[np.ndarray]:
-        outputs = encoder_request.infer({"input_features": features}, share_inputs=True).values()
+        try:
+            outputs = encoder_request.infer({"input_features": features}, share_inputs=True).values()
+        except RuntimeError as error:
+            refuse_under_isa_cap(error, "run the encoder")
+            raise
         return [out.view(np.uint16) for out in outputs] if bf16 else list(outputs)
 
     def decode(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -119,6 +131,22 @@ def compile_graphs(
         return list(decoder_request.infer(feeds, share_inputs=True).values())
 
     return CompiledGraphs(encoder_request, decoder_request, encode, decode)
+
+
+def refuse_under_isa_cap(error: RuntimeError, what: str) -> None:
+    """One clear line for a plugin error under `ONEDNN_MAX_CPU_ISA`, which the plugin does not honour: on an
+    AVX-512 CPU capped at AVX2, ov-int8-bf16's Softmax had no kernel at compile and ov-int8's FullyConnectedCompressed
+    none at the first encoder call (the plugin's own kernels ignore the cap, the oneDNN ones beside them follow
+    it). Without the cap the plugin's error stands."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if cap is None:
+        return
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    detail = (lines[-1] if lines else repr(error)).split(". Run workload")[0]
+    raise UserError(
+        f"OpenVINO cannot {what} under ONEDNN_MAX_CPU_ISA={cap} ({detail}): its CPU plugin does not honour that "
+        "cap; unset it to run OpenVINO recipes"
+    ) from error
 
 
 def native_capabilities(core: Any) -> list[str]:
