@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of, has_class
+from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of
 
 force_cpu_class_of(sys.argv)  # before torch loads: the libraries read their ISA caps once
 
@@ -171,14 +171,9 @@ def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
     for name, count in linear_layers(session.bundle.model).items():
         weights["encoder" if ".encoder." in name or name.endswith(cross) else "decoder"] += count
     # The encoder's linears multiply int8 inputs where the recipe quantizes its activations (ptq, ptq-encoder), and
-    # where the plugin quantizes them at run time (dynamic quantization of int8-weight linears, on VNNI CPUs): its
-    # counters name the same bf16/f32 kernel either way, but a window was 1.4x faster with it, its outputs changed.
-    dynamic = (
-        session.recipe.weights != "fp32"
-        and properties["encoder"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] > 0
-        and has_class(cpu_class(), "avx512-vnni")
-    )
-    int8 = session.recipe.activations == "int8" or dynamic
+    # where the plugin quantizes them at run time (`dynamic_quantization`): its counters name the same bf16/f32
+    # kernel either way, but a window was 1.4x faster with it, its outputs changed.
+    int8 = session.recipe.activations == "int8" or session.info["dynamic_quantization"]["encoder"] > 0
     computes = "int8" if int8 else "bf16" if precision == "bf16" else "fp32"
     peak = PEAK_PER_CYCLE[cpu_class()][computes]
     ghz = nominal_ghz()

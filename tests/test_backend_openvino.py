@@ -84,6 +84,51 @@ def test_a_bf16_recipe_says_so_on_a_cpu_without_native_bf16(flags, slow, monkeyp
     assert capsys.readouterr().err.count("is slow on this CPU") == (1 if slow else 0)
 
 
+@pytest.mark.parametrize(
+    "flags, cap, recipe, expected",
+    [
+        (["avx2", "fma"], None, "ov-int8", {"encoder": 0, "decoder": 0}),  # no VNNI: float inputs
+        (["avx2", "fma", "avx_vnni"], None, "ov-int8", {"encoder": 32, "decoder": 32}),  # Alder Lake
+        (["avx2", "fma", "avx_vnni"], "AVX2", "ov-int8", {"encoder": 0, "decoder": 0}),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], None, "ov-int8-dq128", {"encoder": 128, "decoder": 0}),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], "AVX512_CORE", "ov-int8", {"encoder": 0, "decoder": 0}),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], None, "ov-int8-ptq-encoder-bf16", {"encoder": 0, "decoder": 32}),
+        (["avx2", "fma", "avx512f", "avx512_vnni"], None, "ov-fp32", {"encoder": 0, "decoder": 0}),
+    ],
+)
+def test_where_the_plugin_quantizes_activations_at_run_time(
+    flags, cap, recipe, expected, monkeypatch, no_isa_caps
+) -> None:
+    """ "Weight-only" ov-int8 multiplies int8 activations where the CPU has VNNI: the record says so per graph, and
+    the recipe's description says it may."""
+    from whisper_ptq.backends.openvino import dynamic_quantization_here, plugin_properties
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    quantized = get_recipe(recipe)
+    assert dynamic_quantization_here(plugin_properties(quantized), quantized) == expected
+    assert ("quantizes the inputs of its int8/int4 linears at run time" in quantized.description) == (
+        recipe != "ov-fp32"
+    )
+
+
+def test_the_run_time_quantization_record_matches_the_plugins_outputs(model_cache: Path, shared_data: Path) -> None:
+    """The encoder of ov-int8 (groups of 32) gives other outputs than the same IR with the plugin's dynamic
+    quantization off exactly where `dynamic_quantization` records it as on, here: on a CPU without VNNI they are
+    the same to the bit."""
+    on, off = (
+        build("ov-int8", model_cache, shared_data),
+        build("openvino:dynamic_quant_encoder=0", model_cache, shared_data),
+    )
+    assert off.info["dynamic_quantization"]["encoder"] == 0
+    features = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+    outputs = [q.built.transcriber.run_encoder(features)[0] for q in (on, off)]
+    quantized = on.info["dynamic_quantization"]["encoder"] == 32
+    assert quantized == environment.has_vnni()
+    assert np.array_equal(*outputs) != quantized
+
+
 def test_an_isa_cap_the_plugin_cannot_compile_under_is_one_clear_error(model_cache, shared_data, tmp_path) -> None:
     """ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU left ov-int8's first encoder call without a kernel: a traceback.
     Where the cap lowers nothing (an AVX2 CPU), the run succeeds; either way no traceback, no half-written --out."""

@@ -36,7 +36,7 @@ from typing import Any
 from whisper_ptq.backends.base import Backend, BuildContext, Built, Loader, Param, graph_loader
 from whisper_ptq.errors import UserError
 from whisper_ptq.recipes import OptionValue, Recipe
-from whisper_ptq.results.environment import cpu_class, has_class
+from whisper_ptq.results.environment import cpu_class, has_class, has_vnni
 
 MODES = ("none", "int8", "int4", "ptq", "ptq-encoder")
 PARTS = ("encoder", "decoder")
@@ -102,8 +102,8 @@ class OpenVINOBackend(Backend):
         ),
         **{
             f"ov-int8{suffix}-dq128": (
-                f"OpenVINO int8 weight-only{computing}, the encoder's activations quantized to int8 at run time in "
-                "groups of 128, the decoder's not (the fastest measured on AVX-512: module docstring)",
+                f"OpenVINO int8 weight-only{computing}, dynamic quantization set as fastest measured on AVX-512 "
+                "(module docstring)",
                 {**options, "dynamic_quant_encoder": "128", "dynamic_quant_decoder": "0"},
             )
             for suffix, computing, options in (("", "", {}), ("-bf16", ", computing in bf16", {"precision": "bf16"}))
@@ -173,7 +173,7 @@ class OpenVINOBackend(Backend):
             symmetric=bool(values["symmetric"]) or mode in STATIC,
             devices=("cpu",),
             options=tuple(sorted((key, values[key]) for key in self.params)),
-            description=description or f"OpenVINO {mode}",
+            description=(description or f"OpenVINO {mode}") + run_time_note(mode, values),
         )
 
     def quantize(self, bundle: Any, recipe: Recipe, ctx: BuildContext) -> Built:
@@ -197,7 +197,7 @@ class OpenVINOBackend(Backend):
         workspace = tempfile.TemporaryDirectory(prefix="whisper-ptq-openvino-")
         model_dir = Path(workspace.name) / "model"
         save_openvino(encoder, decoder, model_dir)
-        return self._built(model_dir, bundle, threads, plugin_properties(recipe), workspace)
+        return self._built(model_dir, bundle, recipe, threads, workspace)
 
     def save(self, quantized: Built, out_dir: Path) -> None:
         """The OpenVINO IR folder (encoder.xml/.bin, decoder.xml/.bin); the export's card gives the load script
@@ -216,20 +216,20 @@ class OpenVINOBackend(Backend):
         missing = [f for f in (ENCODER, DECODER) if not (saved_dir / f).is_file()]
         if missing:
             raise UserError(f"{saved_dir} holds no OpenVINO model ({missing[0]} is missing)")
-        return self._built(saved_dir, bundle, torch.get_num_threads(), plugin_properties(recipe))
+        return self._built(saved_dir, bundle, recipe, torch.get_num_threads())
 
-    def _built(
-        self, model_dir: Path, bundle: Any, threads: int, properties: dict[str, Any], workspace: Any = None
-    ) -> Built:
+    def _built(self, model_dir: Path, bundle: Any, recipe: Recipe, threads: int, workspace: Any = None) -> Built:
         import openvino as ov
 
         from whisper_ptq.engines.openvino import DECODER, ENCODER, openvino_engine
 
+        properties = plugin_properties(recipe)
         encoder, decoder = (str(model_dir / graph) for graph in (ENCODER, DECODER))
         transcriber = openvino_engine(encoder, decoder, bundle.model, bundle.processor, threads, properties, workspace)
         info = {
             "engine": f"openvino {ov.__version__}, CPU plugin, {threads} threads",
             "plugin_properties": properties,
+            "dynamic_quantization": dynamic_quantization_here(properties, recipe),
             **ir_facts(model_dir, bundle.model),
         }
         return Built(transcriber, model_dir, info)
@@ -246,6 +246,32 @@ def plugin_properties(recipe: Recipe) -> dict[str, dict[str, Any]]:
             "INFERENCE_PRECISION_HINT": str(recipe.option("precision")),
             "DYNAMIC_QUANTIZATION_GROUP_SIZE": int(recipe.option(f"dynamic_quant_{part}")),  # type: ignore[arg-type]
         }
+        for part in PARTS
+    }
+
+
+def run_time_note(mode: str, values: dict[str, OptionValue]) -> str:
+    """What a recipe's description adds where the CPU plugin may quantize its weight-compressed linears' inputs
+    at run time (`dynamic_quantization_here`)."""
+    compressed = [part for part in PARTS if part_mode(mode, part) in ("int8", "int4")]
+    groups = {part: int(values[f"dynamic_quant_{part}"]) for part in compressed}  # type: ignore[arg-type]
+    if not any(groups.values()):
+        return ""
+    each = ", ".join(f"{part} in groups of {g}" if g else f"{part} not" for part, g in groups.items())
+    return f"; on a VNNI CPU the plugin quantizes the inputs of its int8/int4 linears at run time ({each})"
+
+
+def dynamic_quantization_here(properties: dict[str, dict[str, Any]], recipe: Recipe) -> dict[str, int]:
+    """The group each graph's int8/int4-weight linears have their inputs quantized to int8 in by the CPU plugin on
+    this CPU, at run time (0: none, they compute in the recipe's precision). The plugin does so only where oneDNN
+    may use VNNI, AVX-512's or AVX-VNNI (`useDynamicQuantizationImpl` of its FullyConnected executor): so
+    "weight-only" ov-int8 multiplies int8 activations on a VNNI CPU, and float ones on an AVX2 one."""
+    vnni = has_vnni()
+    mode = str(recipe.option("mode"))
+    return {
+        part: int(properties[part]["DYNAMIC_QUANTIZATION_GROUP_SIZE"])
+        if vnni and part_mode(mode, part) in ("int8", "int4")
+        else 0
         for part in PARTS
     }
 

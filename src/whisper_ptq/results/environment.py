@@ -132,6 +132,13 @@ def has_class(here: str, wanted: str) -> bool:
     return wanted == "portable" or (here != "portable" and order.index(wanted) >= order.index(here))
 
 
+def has_vnni() -> bool:
+    """Whether oneDNN may use int8 dot-product instructions here: AVX-512 VNNI, or AVX-VNNI (Alder Lake, Zen 5),
+    which the avx2 class does not name; both under ONEDNN_MAX_CPU_ISA's cap."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") in ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+    return has_class(cpu_class(), "avx512-vnni") or ("avx_vnni" in cpu_flags() and not capped)
+
+
 def isa_variables() -> list[str]:
     """Every environment variable that caps a library's instruction set."""
     return list(dict.fromkeys([*ISA_CAPS, *(v for env in FORCE_CLASS_ENV.values() for v in env)]))
