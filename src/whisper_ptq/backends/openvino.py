@@ -49,12 +49,28 @@ NNCF_NUMPY_LOWERING = "NNCF_DISABLE_OPTIMIZED_COMPRESSION"  # read by nncf at ea
 OPENVINO_SESSIONS = """\
 properties = <properties>
 core = openvino.Core()
-encoder, decoder = (
-    core.compile_model(f"{export}/{part}.xml", "CPU", properties[part])
-    for part in ("encoder", "decoder")
-)
-encode = lambda feeds: list(encoder(feeds).values())  # noqa: E731
-decode = lambda feeds: list(decoder(feeds).values())  # noqa: E731
+graphs = {part: core.read_model(f"{export}/{part}.xml") for part in ("encoder", "decoder")}
+cross_ports = [port.get_any_name() for port in graphs["encoder"].outputs]
+# Computing in bf16 on a CPU with native BF16, the cross-attention keys/values pass between the graphs in bf16
+# (uint16 arrays of the bits): converting them at every decoder step made a step 22% slower.
+bf16 = properties["decoder"]["INFERENCE_PRECISION_HINT"] == "bf16"
+bf16 &= "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+for part, side in (("encoder", "output"), ("decoder", "input")) if bf16 else ():
+    ports = PrePostProcessor(graphs[part])
+    for name in cross_ports:
+        getattr(ports, side)(name).tensor().set_element_type(openvino.Type.bf16)
+    graphs[part] = ports.build()
+encoder, decoder = (core.compile_model(graphs[part], "CPU", properties[part]) for part in ("encoder", "decoder"))
+
+
+def encode(feeds):
+    return [out.view(np.uint16) if bf16 else out for out in encoder(feeds, share_inputs=True).values()]
+
+
+def decode(feeds):
+    if bf16:
+        feeds |= {k: openvino.Tensor(feeds[k], list(feeds[k].shape), openvino.Type.bf16) for k in cross_ports}
+    return list(decoder(feeds, share_inputs=True).values())
 """
 
 
@@ -206,7 +222,8 @@ class OpenVINOBackend(Backend):
 
     def loaders(self, recipe: Recipe, english_only: bool) -> list[Loader]:
         sessions = OPENVINO_SESSIONS.replace("<properties>", repr(plugin_properties(recipe)))
-        return [graph_loader("openvino", ("openvino",), ("import openvino",), sessions, english_only)]
+        imports = ("import openvino", "from openvino.preprocess import PrePostProcessor")
+        return [graph_loader("openvino", ("openvino",), imports, sessions, english_only)]
 
     def load(self, bundle: Any, recipe: Recipe, saved_dir: Path, ctx: BuildContext) -> Built:
         import torch

@@ -83,7 +83,8 @@ def compile_graphs(
     Computing in bf16, the cross-attention keys and values pass from the encoder to the decoder in bf16 (as uint16
     arrays holding the bits), not f32: the plugin converted all 12 of whisper-base's (37 MB an utterance) to bf16
     at every decoder step, and skipping that made a step 22% faster (9.8 -> 7.7 ms, Zen 4) with the same logits
-    to the bit. The saved IR, and the export's load script, keep f32 ports: bf16 is a compile option."""
+    to the bit. The saved IR keeps f32 ports: bf16 is a compile option, which the export's load script sets the same
+    way (`backends/openvino.OPENVINO_SESSIONS`)."""
     import openvino as ov
 
     from whisper_ptq.engines.graphs import cross_names
