@@ -101,13 +101,13 @@ def test_where_the_plugin_quantizes_activations_at_run_time(
 ) -> None:
     """ "Weight-only" ov-int8 multiplies int8 activations where the CPU has VNNI: the record says so per graph, and
     the recipe's description says it may."""
-    from whisper_ptq.backends.openvino import dynamic_quantization_here, plugin_properties
+    from whisper_ptq.backends.openvino import dynamic_quantization_here
 
     monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
     if cap:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     quantized = get_recipe(recipe)
-    assert dynamic_quantization_here(plugin_properties(quantized), quantized) == expected
+    assert dynamic_quantization_here(quantized) == expected
     assert ("quantizes the inputs of its int8/int4 linears at run time" in quantized.description) == (
         recipe != "ov-fp32"
     )

@@ -246,7 +246,7 @@ class OpenVINOBackend(Backend):
         info = {
             "engine": f"openvino {ov.__version__}, CPU plugin, {threads} threads",
             "plugin_properties": properties,
-            "dynamic_quantization": dynamic_quantization_here(properties, recipe),
+            "dynamic_quantization": dynamic_quantization_here(recipe),
             **ir_facts(model_dir, bundle.model),
         }
         return Built(transcriber, model_dir, info)
@@ -267,30 +267,29 @@ def plugin_properties(recipe: Recipe) -> dict[str, dict[str, Any]]:
     }
 
 
+def run_time_groups(mode: str, values: dict[str, OptionValue]) -> dict[str, int]:
+    """Each weight-compressed graph's group of the CPU plugin's dynamic quantization (0: off)."""
+    compressed = [part for part in PARTS if part_mode(mode, part) in ("int8", "int4")]
+    return {part: int(values[f"dynamic_quant_{part}"]) for part in compressed}  # type: ignore[arg-type]
+
+
 def run_time_note(mode: str, values: dict[str, OptionValue]) -> str:
     """What a recipe's description adds where the CPU plugin may quantize its weight-compressed linears' inputs
     at run time (`dynamic_quantization_here`)."""
-    compressed = [part for part in PARTS if part_mode(mode, part) in ("int8", "int4")]
-    groups = {part: int(values[f"dynamic_quant_{part}"]) for part in compressed}  # type: ignore[arg-type]
+    groups = run_time_groups(mode, values)
     if not any(groups.values()):
         return ""
     each = ", ".join(f"{part} in groups of {g}" if g else f"{part} not" for part, g in groups.items())
     return f"; on a VNNI CPU the plugin quantizes the inputs of its int8/int4 linears at run time ({each})"
 
 
-def dynamic_quantization_here(properties: dict[str, dict[str, Any]], recipe: Recipe) -> dict[str, int]:
+def dynamic_quantization_here(recipe: Recipe) -> dict[str, int]:
     """The group each graph's int8/int4-weight linears have their inputs quantized to int8 in by the CPU plugin on
     this CPU, at run time (0: none, they compute in the recipe's precision). The plugin does so only where oneDNN
     may use VNNI, AVX-512's or AVX-VNNI (`useDynamicQuantizationImpl` of its FullyConnected executor): so
     "weight-only" ov-int8 multiplies int8 activations on a VNNI CPU, and float ones on an AVX2 one."""
-    vnni = has_vnni()
-    mode = str(recipe.option("mode"))
-    return {
-        part: int(properties[part]["DYNAMIC_QUANTIZATION_GROUP_SIZE"])
-        if vnni and part_mode(mode, part) in ("int8", "int4")
-        else 0
-        for part in PARTS
-    }
+    groups = run_time_groups(str(recipe.option("mode")), dict(recipe.options)) if has_vnni() else {}
+    return {part: groups.get(part, 0) for part in PARTS}
 
 
 def calibration_items(fp32: Any, audios: list[Any], decoder: bool = True) -> dict[str, list[dict]]:
