@@ -1,6 +1,7 @@
 """What limits `fast-cpu` on this CPU, in numbers: each GEMM kind's throughput at the encoder's width against the
 CPU's peak for its instruction set, the decoder's few-row GEMMs as bytes of weights read per second, and how a
-transcription splits between the encoder and the decoding loop; where fast-cpu is an OpenVINO recipe, the CPU
+transcription splits between the encoder and the decoding loop, beside transformers fp32's split (interleaved, since
+that share bounds what faster kernels can gain); where fast-cpu is an OpenVINO recipe, the CPU
 plugin's own per-node counters of each graph, its linears against the same peaks.
 
     python benchmarks/profile_fast.py --model base --data-root ../shared/data --limit 12 [--cpu-class avx2]
@@ -16,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from whisper_ptq.results.environment import FORCE_CLASS_ENV, cpu_class, force_cpu_class_of
@@ -47,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="base")
     p.add_argument("--recipe", default="fast-cpu")
+    p.add_argument(
+        "--baseline",
+        default="fp32",
+        help="split beside the recipe, interleaved: the reference the goals are ratios against",
+    )
     p.add_argument("--dataset", default="librispeech:test-other")
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--limit", type=int, default=12)
@@ -107,31 +114,60 @@ def gemm_throughput(threads: int) -> None:
         )
 
 
-def encoder_decoder_split(args: argparse.Namespace, session: Quantized, audios: list) -> None:
-    transcriber = session.built.transcriber
-    for audio in audios[:3]:
-        session.transcribe_timed([audio])
-    encode, encoder_s = transcriber.encode, []
+def timed_encoder(session: Quantized) -> tuple[list[float], Callable[[], None]]:
+    """Times every encoder window of `session` into the returned list until the returned function is called: an
+    engine's own `encode` where it has one, a torch model's encoder module (transformers) otherwise."""
+    transcriber, seconds = session.built.transcriber, []
+    if hasattr(transcriber, "encode"):
+        encode = transcriber.encode
 
-    def timed_encode(features):
-        start = time.perf_counter()
-        encoded = encode(features)
-        encoder_s.append(time.perf_counter() - start)
-        return encoded
+        def timed_encode(features):
+            start = time.perf_counter()
+            encoded = encode(features)
+            seconds.append(time.perf_counter() - start)
+            return encoded
 
-    transcriber.encode = timed_encode
-    total = sum(session.transcribe_timed([a])[1] for a in audios)
-    transcriber.encode = encode
-    audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
-    encoder = sum(encoder_s)
-    plan = session.info.get("kernel_plan")
-    kernels = f"{plan['name']} plan" if plan else session.info["engine"]
-    print(
-        f"{args.recipe} ({kernels}), batch 1, {len(audios)} utterances, {audio_s:.0f} s: "
-        f"RTF {total / audio_s:.4f}; encoder {encoder:.2f} s ({100 * encoder / total:.0f}%, "
-        f"{1e3 * encoder / len(encoder_s):.0f} ms a 30 s window), decoding and features {total - encoder:.2f} s "
-        f"({100 * (total - encoder) / total:.0f}%)"
+        transcriber.encode = timed_encode
+        return seconds, lambda: setattr(transcriber, "encode", encode)
+    encoder, started = session.model.get_encoder(), []
+    hooks = (
+        encoder.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+        encoder.register_forward_hook(lambda *_: seconds.append(time.perf_counter() - started.pop())),
     )
+    return seconds, lambda: [hook.remove() for hook in hooks]
+
+
+def encoder_decoder_split(sessions: list[Quantized], audios: list) -> None:
+    """Batch-1 transcription time split into the encoder's windows and the rest (features and the decoding loop),
+    the sessions interleaved utterance by utterance; each later one also as x faster than the first."""
+    for session in sessions:
+        for audio in audios[:3]:
+            session.transcribe_timed([audio])
+    timers = [timed_encoder(session) for session in sessions]
+    totals = [0.0] * len(sessions)
+    for audio in audios:
+        for i, session in enumerate(sessions):
+            totals[i] += session.transcribe_timed([audio])[1]
+    audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
+    parts = []
+    for session, (encoder_s, stop), total in zip(sessions, timers, totals, strict=True):
+        stop()
+        encoder = sum(encoder_s)
+        parts.append((encoder, total - encoder, total))
+        plan = session.info.get("kernel_plan")
+        kernels = f"{plan['name']} plan" if plan else session.info.get("engine", session.recipe.library)
+        print(
+            f"{session.recipe.name} ({kernels}), batch 1, {len(audios)} utterances, {audio_s:.0f} s: "
+            f"RTF {total / audio_s:.4f}; encoder {encoder:.2f} s ({100 * encoder / total:.0f}%, "
+            f"{1e3 * encoder / len(encoder_s):.0f} ms a 30 s window), decoding and features {total - encoder:.2f} s "
+            f"({100 * (total - encoder) / total:.0f}%)"
+        )
+        if parts[0] is not parts[-1]:
+            ratios = [base / part for base, part in zip(parts[0], parts[-1], strict=True)]
+            print(
+                f"  x faster than {sessions[0].recipe.name}: encoder {ratios[0]:.2f}, "
+                f"decoding and features {ratios[1]:.2f}, transcription {ratios[2]:.2f}"
+            )
 
 
 def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:
@@ -204,8 +240,11 @@ def main() -> None:
     settings = Settings(threads=args.threads, data_root=args.data_root, progress=False)
     dataset = open_dataset(args.dataset, args.data_root).limit(args.limit)
     audios = [dataset.load_audio(u) for u in dataset.utterances]
-    session = Quantized.build(args.model, get_recipe(args.recipe), settings)
-    encoder_decoder_split(args, session, audios)
+    sessions = [
+        Quantized.build(args.model, get_recipe(name), settings) for name in dict.fromkeys((args.baseline, args.recipe))
+    ]
+    encoder_decoder_split(sessions, audios)
+    session = sessions[-1]
     if session.recipe.library == "openvino":
         openvino_nodes(args, session, audios[0])
 
