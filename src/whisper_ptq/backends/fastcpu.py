@@ -71,7 +71,8 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         keep=FIRST_ATTENTION,
         why="no VNNI: 7-bit fbgemm int8 with one activation scale per frame (forced AVX2 on a Zen 4: the "
         "encoder window 353 ms against 484 ms with fp32 linears, WER 10.38 on test-other, fp32 10.95; the "
-        "decoder's steps 1.9-2.3x faster than fp32); on an AVX2-only EPYC 1.36x transformers fp32 at batch 1",
+        "decoder's steps 1.9-2.3x faster than fp32); on AVX2-only EPYCs 1.36x (Zen 1/2) and 1.79x (Zen 3) "
+        "transformers fp32 at batch 1, WER 10.38 natively on the Zen 3",
     ),
     "portable": KernelPlan(
         encoder="fp32",
@@ -92,7 +93,9 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # ov-int8 2.53x and 1.98x, ov-int8-dq128 2.89x and 2.20x; WER on the 100 ov-int8 10.64, ov-int8-dq128 10.90. AVX2,
 # native on an AVX2-only EPYC (16 utterances, 3 repeats): the avx2 plan 1.36x fp32 at batch 1 and 1.40x at batch 8,
 # ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER 12.63 on the 100: outside +0.3),
-# whispercpp-q8_0 0.77x and 0.72x: the engine stays fast-cpu there. ov-int8-ptq-encoder-bf16 (int8 activations in the
+# whispercpp-q8_0 0.77x and 0.72x; on an AVX2-only Zen 3 the avx2 plan 1.79x and 1.80x, ct2-int8 1.39x and 1.20x,
+# ov-int8 1.32x and 1.49x, ort-int8 1.88x and 2.20x (WER 13.10 on the 100 there), whispercpp-q8_0 0.86x and 0.86x:
+# the engine stays fast-cpu there. ov-int8-ptq-encoder-bf16 (int8 activations in the
 # encoder) is faster still on AVX-512 BF16 (README), but it is not fast-cpu: it needs calibration audio and its first
 # open took 61 s, against fast-cpu's goal of 20.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8-dq128", "avx512-bf16": "ov-int8-bf16-dq128"}
