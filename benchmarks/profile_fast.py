@@ -1,8 +1,9 @@
 """What limits `fast-cpu` on this CPU, in numbers: each GEMM kind's throughput at the encoder's width against the
 CPU's peak for its instruction set, the decoder's few-row GEMMs as bytes of weights read per second, and how a
-transcription splits between the encoder and the decoding loop, beside transformers fp32's split (interleaved, since
-that share bounds what faster kernels can gain); where fast-cpu is an OpenVINO recipe, the CPU
-plugin's own per-node counters of each graph, its linears against the same peaks.
+transcription splits between the encoder and the decoding loop, beside transformers fp32's split (whose encoder share
+bounds what faster kernels can gain), the two interleaved utterance by utterance against a shared machine's drift;
+where fast-cpu is an OpenVINO recipe, the CPU plugin's own per-node counters of each graph, its linears against the
+same peaks.
 
     python benchmarks/profile_fast.py --model base --data-root ../shared/data --limit 12 [--cpu-class avx2]
 
@@ -139,7 +140,7 @@ def timed_encoder(session: Quantized) -> tuple[list[float], Callable[[], None]]:
 
 def encoder_decoder_split(sessions: list[Quantized], audios: list) -> None:
     """Batch-1 transcription time split into the encoder's windows and the rest (features and the decoding loop),
-    the sessions interleaved utterance by utterance; each later one also as x faster than the first."""
+    the sessions interleaved utterance by utterance; then each later session as x faster than the first."""
     for session in sessions:
         for audio in audios[:3]:
             session.transcribe_timed([audio])
@@ -149,7 +150,7 @@ def encoder_decoder_split(sessions: list[Quantized], audios: list) -> None:
         for i, session in enumerate(sessions):
             totals[i] += session.transcribe_timed([audio])[1]
     audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
-    parts = []
+    parts = []  # per session: (encoder, decoding and features, transcription) seconds
     for session, (encoder_s, stop), total in zip(sessions, timers, totals, strict=True):
         stop()
         encoder = sum(encoder_s)
@@ -162,12 +163,12 @@ def encoder_decoder_split(sessions: list[Quantized], audios: list) -> None:
             f"{1e3 * encoder / len(encoder_s):.0f} ms a 30 s window), decoding and features {total - encoder:.2f} s "
             f"({100 * (total - encoder) / total:.0f}%)"
         )
-        if parts[0] is not parts[-1]:
-            ratios = [base / part for base, part in zip(parts[0], parts[-1], strict=True)]
-            print(
-                f"  x faster than {sessions[0].recipe.name}: encoder {ratios[0]:.2f}, "
-                f"decoding and features {ratios[1]:.2f}, transcription {ratios[2]:.2f}"
-            )
+    for part in parts[1:]:
+        encoder, rest, total = (base / seconds for base, seconds in zip(parts[0], part, strict=True))
+        print(
+            f"  x faster than {sessions[0].recipe.name}: encoder {encoder:.2f}, "
+            f"decoding and features {rest:.2f}, transcription {total:.2f}"
+        )
 
 
 def openvino_nodes(args: argparse.Namespace, session: Quantized, audio) -> None:

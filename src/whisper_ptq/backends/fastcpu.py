@@ -95,9 +95,9 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
 # ct2-int8 1.35x and 1.20x, ov-int8 1.30x and 1.27x, ort-int8 1.49x and 1.41x (WER 12.63 on the 100: outside +0.3),
 # whispercpp-q8_0 0.77x and 0.72x; on an AVX2-only Zen 3 the avx2 plan 1.79x and 1.80x, ct2-int8 1.39x and 1.20x,
 # ov-int8 1.32x and 1.49x, ort-int8 1.88x and 2.20x (WER 13.10 on the 100 there), whispercpp-q8_0 0.86x and 0.86x:
-# the engine stays fast-cpu there. ov-int8-ptq-encoder-bf16 (int8 activations in the
-# encoder) is faster still on AVX-512 BF16 (README), but it is not fast-cpu: it needs calibration audio and its first
-# open took 61 s, against fast-cpu's goal of 20.
+# the engine stays fast-cpu there. ov-int8-ptq-encoder-bf16 (int8 activations in the encoder) is faster still on
+# AVX-512 BF16 (README), but it is not fast-cpu: it needs calibration audio and its first open took 61 s, against
+# fast-cpu's goal of 20.
 RUNTIME_FOR_CLASS = {"avx512-vnni": "ov-int8-dq128", "avx512-bf16": "ov-int8-bf16-dq128"}
 
 
